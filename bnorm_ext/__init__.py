@@ -1,0 +1,38 @@
+"""bnorm_ext: fast, faithful BatchNorm kernels for PyTorch.
+
+`bnorm_ext.BatchNorm2d` is a drop-in for `torch.nn.BatchNorm2d`; the kernels
+are reached through the dispatcher as `torch.ops.bnorm_ext.*`.
+"""
+
+import torch
+
+from . import _C  # noqa: F401  (registers the ops and their kernels)
+from . import _fake  # noqa: F401  (fake kernels for torch.compile / FakeTensor)
+from .functional import BatchNormFunction, batch_norm
+from .modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    convert_batchnorm,
+    revert_batchnorm,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormFunction",
+    "batch_norm",
+    "build_info",
+    "convert_batchnorm",
+    "revert_batchnorm",
+]
+
+
+def build_info() -> dict:
+    """How the extension was built: torch version, CUDA kernels and their archs."""
+    info = {"bnorm_ext": __version__, "torch": torch.__version__, "torch_cuda": torch.version.cuda}
+    info.update(_C.build_info())
+    return info

@@ -1,0 +1,166 @@
+#include "batch_norm_checks.h"
+
+namespace bnorm_ext {
+
+at::ScalarType acc_scalar_type(at::ScalarType input_type) {
+  return input_type == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::MemoryFormat output_memory_format(const Tensor& input) {
+  return input.suggest_memory_format();
+}
+
+BatchNormShape check_input(const char* op, const Tensor& input) {
+  TORCH_CHECK_INDEX(
+      input.dim() >= 2,
+      op, ": expected input of shape (N, C, *) with at least 2 dimensions, got ",
+      input.dim(), "-D input of size ", input.sizes());
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf ||
+          dtype == at::kBFloat16,
+      op, ": expected input of dtype float64, float32, float16 or bfloat16, got ",
+      dtype);
+  TORCH_CHECK(
+      input.layout() == at::kStrided,
+      op, ": expected a strided (dense) input, got layout ", input.layout());
+  BatchNormShape shape;
+  shape.N = input.size(0);
+  shape.C = input.size(1);
+  shape.L = 1;
+  for (int64_t d = 2; d < input.dim(); ++d) {
+    shape.L *= input.size(d);
+  }
+  const auto format = output_memory_format(input);
+  shape.channels_last = format == at::MemoryFormat::ChannelsLast ||
+      format == at::MemoryFormat::ChannelsLast3d;
+  return shape;
+}
+
+Tensor dense_input(const Tensor& input) {
+  return input.contiguous(output_memory_format(input));
+}
+
+void check_params(
+    const char* op,
+    const Tensor& input,
+    int64_t C,
+    std::initializer_list<std::pair<const char*, const OptTensor*>> params) {
+  const auto input_type = input.scalar_type();
+  const bool half_input =
+      input_type == at::kHalf || input_type == at::kBFloat16;
+  const char* first_name = nullptr;
+  at::ScalarType first_type = input_type;
+  for (const auto& [name, param] : params) {
+    if (!param->has_value() || !(*param)->defined()) {
+      continue;
+    }
+    const Tensor& p = **param;
+    TORCH_CHECK(
+        p.numel() == C,
+        op, ": expected ", name, " to have ", C,
+        " elements (one per channel), got ", p.numel(), " (size ", p.sizes(),
+        ")");
+    TORCH_CHECK(
+        p.device() == input.device(),
+        op, ": expected ", name, " on the input's device ", input.device(),
+        ", got ", p.device());
+    const auto t = p.scalar_type();
+    TORCH_CHECK(
+        t == input_type || (half_input && t == at::kFloat),
+        op, ": expected ", name, " of dtype ", input_type,
+        half_input ? " or float32" : "", " (input is ", input_type, "), got ",
+        t);
+    if (first_name == nullptr) {
+      first_name = name;
+      first_type = t;
+    } else {
+      TORCH_CHECK(
+          t == first_type,
+          op, ": expected ", name, " to have the same dtype as ", first_name,
+          " (", first_type, "), got ", t);
+    }
+  }
+}
+
+void check_channel_stat(
+    const char* op,
+    const char* name,
+    const Tensor& input,
+    const Tensor& stat,
+    int64_t C) {
+  const auto acc = acc_scalar_type(input.scalar_type());
+  TORCH_CHECK(
+      stat.dim() == 1 && stat.size(0) == C,
+      op, ": expected ", name, " of shape [", C, "], got ", stat.sizes());
+  TORCH_CHECK(
+      stat.scalar_type() == acc,
+      op, ": expected ", name, " of dtype ", acc, ", got ", stat.scalar_type());
+  TORCH_CHECK(
+      stat.device() == input.device(),
+      op, ": expected ", name, " on the input's device ", input.device(),
+      ", got ", stat.device());
+}
+
+void check_running_args(
+    const char* op,
+    const Tensor& input,
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    const OptTensor& num_batches_tracked,
+    std::optional<double> momentum) {
+  const bool has_mean = running_mean.has_value() && running_mean->defined();
+  const bool has_var = running_var.has_value() && running_var->defined();
+  TORCH_CHECK(
+      has_mean == has_var,
+      op, ": expected running_mean and running_var both given or both None");
+  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
+    const Tensor& nbt = *num_batches_tracked;
+    TORCH_CHECK(
+        nbt.numel() == 1 && nbt.scalar_type() == at::kLong,
+        op, ": expected num_batches_tracked to be a one-element int64 tensor, "
+        "got dtype ", nbt.scalar_type(), " and size ", nbt.sizes());
+    TORCH_CHECK(
+        nbt.device() == input.device(),
+        op, ": expected num_batches_tracked on the input's device ",
+        input.device(), ", got ", nbt.device());
+  } else {
+    TORCH_CHECK(
+        momentum.has_value() || !has_mean,
+        op, ": momentum=None (cumulative average) needs num_batches_tracked");
+  }
+}
+
+void check_train_count(const char* op, const Tensor& input, int64_t count) {
+  TORCH_CHECK_VALUE(
+      count != 1,
+      op, ": expected more than 1 value per channel when training, got input "
+      "size ", input.sizes());
+}
+
+void check_grad_out(const char* op, const Tensor& input, const Tensor& grad_out) {
+  TORCH_CHECK(
+      grad_out.sizes() == input.sizes(),
+      op, ": expected grad_out of size ", input.sizes(), ", got ",
+      grad_out.sizes());
+  TORCH_CHECK(
+      grad_out.scalar_type() == input.scalar_type(),
+      op, ": expected grad_out of dtype ", input.scalar_type(), ", got ",
+      grad_out.scalar_type());
+  TORCH_CHECK(
+      grad_out.device() == input.device(),
+      op, ": expected grad_out on the input's device ", input.device(),
+      ", got ", grad_out.device());
+}
+
+void check_eps(const char* op, double eps, bool training) {
+  if (training) {
+    TORCH_CHECK_VALUE(
+        eps > 0.0, op, ": eps must be positive during training, got ", eps);
+  } else {
+    TORCH_CHECK_VALUE(
+        eps >= 0.0, op, ": eps must be non-negative, got ", eps);
+  }
+}
+
+} // namespace bnorm_ext

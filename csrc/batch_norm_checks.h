@@ -1,0 +1,75 @@
+// Argument checks and layout decisions shared by every backend's kernels.
+// Every check runs before any output or buffer is written, so a call that
+// raises leaves running statistics and num_batches_tracked untouched.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace bnorm_ext {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// Shape of an (N, C, *) input as the kernels see it: `channels_last` means the
+// dense layout is [N * L, C] (C innermost); otherwise it is [N, C, L].
+struct BatchNormShape {
+  int64_t N;
+  int64_t C;
+  int64_t L; // product of the spatial sizes
+  bool channels_last;
+  int64_t reduce_size() const {
+    return N * L;
+  }
+};
+
+// acc dtype for an input dtype: float64 for float64, float32 otherwise.
+at::ScalarType acc_scalar_type(at::ScalarType input_type);
+
+// The memory format torch gives the output of batch_norm for this input.
+at::MemoryFormat output_memory_format(const Tensor& input);
+
+// Checks dim >= 2, a floating dtype and a supported layout; returns the shape.
+BatchNormShape check_input(const char* op, const Tensor& input);
+
+// The input in the dense layout the kernels read (a copy only if it is not).
+Tensor dense_input(const Tensor& input);
+
+// Checks weight/bias/running stats: C elements, input's device, and one
+// shared dtype that is the input's or float32 for a half/bfloat16 input.
+void check_params(
+    const char* op,
+    const Tensor& input,
+    int64_t C,
+    std::initializer_list<std::pair<const char*, const OptTensor*>> params);
+
+// Checks a per-channel statistic (mean, invstd, sums): [C] in the acc dtype.
+void check_channel_stat(
+    const char* op,
+    const char* name,
+    const Tensor& input,
+    const Tensor& stat,
+    int64_t C);
+
+// Checks the optional running-statistics arguments of a training call:
+// momentum=None needs num_batches_tracked, which must be a one-element int64.
+void check_running_args(
+    const char* op,
+    const Tensor& input,
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    const OptTensor& num_batches_tracked,
+    std::optional<double> momentum);
+
+// Training needs more than one value per channel, as torch.nn.functional's
+// batch_norm says (ValueError); an empty batch is allowed.
+void check_train_count(const char* op, const Tensor& input, int64_t count);
+
+// grad_out must match input's shape, dtype and device.
+void check_grad_out(const char* op, const Tensor& input, const Tensor& grad_out);
+
+// eps > 0 in training, eps >= 0 otherwise (ValueError, as torch).
+void check_eps(const char* op, double eps, bool training);
+
+} // namespace bnorm_ext

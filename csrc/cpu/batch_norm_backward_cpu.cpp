@@ -1,0 +1,269 @@
+// CPU reference kernels of the backward ops: per-channel gradient sums and
+// the elementwise input gradient.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "../batch_norm_checks.h"
+#include "../batch_norm_math.h"
+#include "batch_norm_cpu.h"
+#include "batch_norm_cpu_loops.h"
+
+namespace bnorm_ext {
+namespace cpu {
+namespace {
+
+struct GradSums {
+  double sum_dy;
+  double sum_dy_xmu;
+};
+
+GradSums add(const GradSums& a, const GradSums& b) {
+  return {a.sum_dy + b.sum_dy, a.sum_dy_xmu + b.sum_dy_xmu};
+}
+
+// Per-channel sum(dy) and sum(dy * (x - mean)) of dense dy and x (same
+// layout). NB: accumulated in acc_t within a row/block, in double across them.
+template <typename scalar_t>
+std::vector<GradSums> grad_sums(
+    const Tensor& dy,
+    const Tensor& x,
+    const BatchNormShape& s,
+    const std::vector<double>& mean_values) {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* g = dy.const_data_ptr<scalar_t>();
+  const scalar_t* in = x.const_data_ptr<scalar_t>();
+  const int64_t C = s.C;
+  const std::vector<acc_t> mean(mean_values.begin(), mean_values.end());
+  const GradSums zero{0.0, 0.0};
+  if (!s.channels_last) {
+    const int64_t L = s.L;
+    return reduce_rows_nchw<GradSums>(s.N, C, L, zero, [&](int64_t n, int64_t c) {
+      const int64_t offset = (n * C + c) * L;
+      const scalar_t* g_row = g + offset;
+      const scalar_t* x_row = in + offset;
+      const acc_t m = mean[c];
+      const acc_t sum_dy = lane_sum<acc_t>(L, [&](int64_t i) {
+        return static_cast<acc_t>(g_row[i]);
+      });
+      const acc_t sum_dy_xmu = lane_sum<acc_t>(L, [&](int64_t i) {
+        return static_cast<acc_t>(g_row[i]) * (static_cast<acc_t>(x_row[i]) - m);
+      });
+      return GradSums{sum_dy, sum_dy_xmu};
+    }, add);
+  }
+  return reduce_blocks_cl<GradSums>(s.reduce_size(), C, zero, [&](int64_t r0, int64_t r1, GradSums* out) {
+    std::vector<acc_t> sum_dy(C, acc_t(0)), sum_dy_xmu(C, acc_t(0));
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* g_row = g + r * C;
+      const scalar_t* x_row = in + r * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t d = static_cast<acc_t>(g_row[c]);
+        sum_dy[c] += d;
+        sum_dy_xmu[c] += d * (static_cast<acc_t>(x_row[c]) - mean[c]);
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      out[c] = GradSums{sum_dy[c], sum_dy_xmu[c]};
+    }
+  }, add);
+}
+
+// dx from dense dy and x with per-channel coefficients. Eval-mode coefficients
+// never read x, so an Inf in x cannot turn into 0 * Inf = NaN there.
+template <typename scalar_t, bool kTrain>
+void grad_input(
+    const Tensor& dy,
+    const Tensor& x,
+    Tensor& dx,
+    const BatchNormShape& s,
+    const std::vector<BackwardCoeffs<double>>& coeff_values) {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* g = dy.const_data_ptr<scalar_t>();
+  const scalar_t* in = x.const_data_ptr<scalar_t>();
+  scalar_t* out = dx.mutable_data_ptr<scalar_t>();
+  const int64_t C = s.C;
+  // Structure-of-arrays so the channels-last loop vectorises.
+  std::vector<acc_t> mean(C), dy_scale(C), xmu_scale(C), shift(C);
+  for (int64_t c = 0; c < C; ++c) {
+    mean[c] = coeff_values[c].mean;
+    dy_scale[c] = coeff_values[c].dy_scale;
+    xmu_scale[c] = coeff_values[c].xmu_scale;
+    shift[c] = coeff_values[c].shift;
+  }
+  const auto apply = [&](int64_t c, scalar_t g_v, scalar_t x_v) {
+    const BackwardCoeffs<acc_t> k{mean[c], dy_scale[c], xmu_scale[c], shift[c]};
+    if constexpr (kTrain) {
+      return static_cast<scalar_t>(backward_apply(k, static_cast<acc_t>(g_v), static_cast<acc_t>(x_v)));
+    } else {
+      return static_cast<scalar_t>(static_cast<acc_t>(g_v) * k.dy_scale);
+    }
+  };
+  if (!s.channels_last) {
+    const int64_t L = s.L;
+    parallel_rows(s.N * C, L, [&](int64_t r) {
+      const int64_t c = r % C;
+      for (int64_t i = 0; i < L; ++i) {
+        out[r * L + i] = apply(c, g[r * L + i], in[r * L + i]);
+      }
+    });
+  } else {
+    parallel_rows(s.reduce_size(), C, [&](int64_t r) {
+      for (int64_t c = 0; c < C; ++c) {
+        out[r * C + c] = apply(c, g[r * C + c], in[r * C + c]);
+      }
+    });
+  }
+}
+
+std::vector<GradSums> grad_sums_any(
+    const Tensor& dy,
+    const Tensor& x,
+    const BatchNormShape& s,
+    const std::vector<double>& mean) {
+  std::vector<GradSums> sums;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_backward_reduce_cpu", [&] {
+    sums = grad_sums<scalar_t>(dy, x, s, mean);
+  });
+  return sums;
+}
+
+Tensor grad_input_any(
+    const Tensor& dy,
+    const Tensor& x,
+    const BatchNormShape& s,
+    const std::vector<BackwardCoeffs<double>>& coeffs,
+    bool training) {
+  Tensor dx = at::empty_like(x, output_memory_format(x));
+  if (x.numel() == 0) {
+    return dx;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_backward_elemt_cpu", [&] {
+    if (training) {
+      grad_input<scalar_t, true>(dy, x, dx, s, coeffs);
+    } else {
+      grad_input<scalar_t, false>(dy, x, dx, s, coeffs);
+    }
+  });
+  return dx;
+}
+
+// grad_out in input's dense layout.
+Tensor dense_grad(const Tensor& grad_out, const Tensor& input) {
+  return grad_out.contiguous(output_memory_format(input));
+}
+
+std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cpu(
+    const Tensor& grad_out,
+    const Tensor& input,
+    const Tensor& mean) {
+  const char* op = "bnorm_ext::batch_norm_backward_reduce";
+  const BatchNormShape s = check_input(op, input);
+  check_grad_out(op, input, grad_out);
+  check_channel_stat(op, "mean", input, mean, s.C);
+  const std::vector<GradSums> sums = grad_sums_any(dense_grad(grad_out, input), dense_input(input), s, param_values(mean, s.C, 0.0));
+  std::vector<double> sum_dy(s.C), sum_dy_xmu(s.C);
+  for (int64_t c = 0; c < s.C; ++c) {
+    sum_dy[c] = sums[c].sum_dy;
+    sum_dy_xmu[c] = sums[c].sum_dy_xmu;
+  }
+  const auto acc = acc_scalar_type(input.scalar_type());
+  return {channel_tensor(sum_dy, input, acc), channel_tensor(sum_dy_xmu, input, acc)};
+}
+
+Tensor batch_norm_backward_elemt_cpu(
+    const Tensor& grad_out,
+    const Tensor& input,
+    const Tensor& mean,
+    const Tensor& invstd,
+    const OptTensor& weight,
+    const Tensor& sum_dy,
+    const Tensor& sum_dy_xmu,
+    const Tensor& counts) {
+  const char* op = "bnorm_ext::batch_norm_backward_elemt";
+  const BatchNormShape s = check_input(op, input);
+  check_grad_out(op, input, grad_out);
+  check_params(op, input, s.C, {{"weight", &weight}});
+  check_channel_stat(op, "mean", input, mean, s.C);
+  check_channel_stat(op, "invstd", input, invstd, s.C);
+  check_channel_stat(op, "sum_dy", input, sum_dy, s.C);
+  check_channel_stat(op, "sum_dy_xmu", input, sum_dy_xmu, s.C);
+  TORCH_CHECK(counts.dim() == 1, op, ": expected counts of shape [P], got ", counts.sizes());
+  const double count = counts.to(at::kDouble).sum().item<double>();
+  const std::vector<double> m = param_values(mean, s.C, 0.0);
+  const std::vector<double> is = param_values(invstd, s.C, 0.0);
+  const std::vector<double> w = param_values(weight, s.C, 1.0);
+  const std::vector<double> sdy = param_values(sum_dy, s.C, 0.0);
+  const std::vector<double> sdyx = param_values(sum_dy_xmu, s.C, 0.0);
+  std::vector<BackwardCoeffs<double>> coeffs(s.C);
+  for (int64_t c = 0; c < s.C; ++c) {
+    coeffs[c] = backward_train_coeffs(m[c], is[c], w[c], sdy[c], sdyx[c], count);
+  }
+  return grad_input_any(dense_grad(grad_out, input), dense_input(input), s, coeffs, /*training=*/true);
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
+    const Tensor& grad_out,
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    const OptTensor& save_mean,
+    const OptTensor& save_invstd,
+    bool training,
+    double eps) {
+  const char* op = "bnorm_ext::batch_norm_backward";
+  const BatchNormShape s = check_input(op, input);
+  check_grad_out(op, input, grad_out);
+  check_params(op, input, s.C, {{"weight", &weight}, {"running_mean", &running_mean}, {"running_var", &running_var}});
+  std::vector<double> mean, invstd;
+  if (training) {
+    TORCH_CHECK(
+        save_mean.has_value() && save_invstd.has_value(),
+        op, ": training=True needs save_mean and save_invstd");
+    check_channel_stat(op, "save_mean", input, *save_mean, s.C);
+    check_channel_stat(op, "save_invstd", input, *save_invstd, s.C);
+    mean = param_values(save_mean, s.C, 0.0);
+    invstd = param_values(save_invstd, s.C, 0.0);
+  } else {
+    TORCH_CHECK(
+        running_mean.has_value() && running_var.has_value(),
+        op, ": training=False needs running_mean and running_var");
+    check_eps(op, eps, /*training=*/false);
+    mean = param_values(running_mean, s.C, 0.0);
+    invstd = param_values(running_var, s.C, 0.0);
+    for (double& v : invstd) {
+      v = invstd_from_var(v, eps);
+    }
+  }
+  const Tensor dy = dense_grad(grad_out, input);
+  const Tensor x = dense_input(input);
+  const std::vector<GradSums> sums = grad_sums_any(dy, x, s, mean);
+  const std::vector<double> w = param_values(weight, s.C, 1.0);
+  const double count = static_cast<double>(s.reduce_size());
+  std::vector<BackwardCoeffs<double>> coeffs(s.C);
+  std::vector<double> grad_w(s.C), grad_b(s.C);
+  for (int64_t c = 0; c < s.C; ++c) {
+    coeffs[c] = training
+        ? backward_train_coeffs(mean[c], invstd[c], w[c], sums[c].sum_dy, sums[c].sum_dy_xmu, count)
+        : backward_eval_coeffs(mean[c], invstd[c], w[c]);
+    grad_w[c] = sums[c].sum_dy_xmu * invstd[c];
+    grad_b[c] = sums[c].sum_dy;
+  }
+  const Tensor grad_in = grad_input_any(dy, x, s, coeffs, training);
+  const auto param_type = weight.has_value() && weight->defined()
+      ? weight->scalar_type()
+      : acc_scalar_type(input.scalar_type());
+  return {grad_in, channel_tensor(grad_w, input, param_type), channel_tensor(grad_b, input, param_type)};
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(bnorm_ext, CPU, m) {
+  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cpu);
+  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cpu);
+  m.impl("batch_norm_backward", &batch_norm_backward_cpu);
+}
+
+} // namespace cpu
+} // namespace bnorm_ext

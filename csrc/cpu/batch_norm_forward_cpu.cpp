@@ -1,0 +1,378 @@
+// CPU reference kernels of the forward ops: statistics, running-stat update,
+// normalization. Readable first; vectorised through lane_sum and plain
+// channel-innermost loops the compiler can vectorise.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "../batch_norm_checks.h"
+#include "../batch_norm_math.h"
+#include "batch_norm_cpu.h"
+#include "batch_norm_cpu_loops.h"
+
+namespace bnorm_ext {
+namespace cpu {
+namespace {
+
+using Stats = WelfordData<double>;
+
+// Per-channel (count, mean, M2) of a dense input, mean absolute (shift added
+// back). NB: each row/block is summed two-pass in acc_t on values shifted by
+// the channel's first element, and rows are merged in double (Chan).
+template <typename scalar_t>
+std::vector<Stats> channel_stats(const Tensor& x, const BatchNormShape& s) {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* data = x.const_data_ptr<scalar_t>();
+  const int64_t C = s.C;
+  std::vector<acc_t> shift(C, acc_t(0));
+  if (s.reduce_size() > 0) {
+    for (int64_t c = 0; c < C; ++c) {
+      shift[c] = static_cast<acc_t>(data[s.channels_last ? c : c * s.L]);
+    }
+  }
+  const Stats zero{0.0, 0.0, 0.0};
+  const auto merge = [](const Stats& a, const Stats& b) {
+    return welford_merge(a, b);
+  };
+  std::vector<Stats> stats;
+  if (!s.channels_last) {
+    const int64_t L = s.L;
+    stats = reduce_rows_nchw<Stats>(s.N, C, L, zero, [&](int64_t n, int64_t c) {
+      const scalar_t* row = data + (n * C + c) * L;
+      const acc_t k = shift[c];
+      const acc_t sum = lane_sum<acc_t>(L, [&](int64_t i) {
+        return static_cast<acc_t>(row[i]) - k;
+      });
+      const acc_t mean = sum / static_cast<acc_t>(L);
+      const acc_t m2 = lane_sum<acc_t>(L, [&](int64_t i) {
+        const acc_t d = (static_cast<acc_t>(row[i]) - k) - mean;
+        return d * d;
+      });
+      return welford_from_sums<double>(L, sum, m2);
+    }, merge);
+  } else {
+    stats = reduce_blocks_cl<Stats>(s.reduce_size(), C, zero, [&](int64_t r0, int64_t r1, Stats* out) {
+      std::vector<acc_t> sum(C, acc_t(0)), mean(C), m2(C, acc_t(0));
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* row = data + r * C;
+        for (int64_t c = 0; c < C; ++c) {
+          sum[c] += static_cast<acc_t>(row[c]) - shift[c];
+        }
+      }
+      const acc_t rows = static_cast<acc_t>(r1 - r0);
+      for (int64_t c = 0; c < C; ++c) {
+        mean[c] = sum[c] / rows;
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* row = data + r * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t d = (static_cast<acc_t>(row[c]) - shift[c]) - mean[c];
+          m2[c] += d * d;
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        out[c] = welford_from_sums<double>(r1 - r0, sum[c], m2[c]);
+      }
+    }, merge);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    stats[c].mean += static_cast<double>(shift[c]);
+  }
+  return stats;
+}
+
+std::vector<Stats> channel_stats_any(const Tensor& x, const BatchNormShape& s) {
+  std::vector<Stats> stats;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_stats_cpu", [&] {
+    stats = channel_stats<scalar_t>(x, s);
+  });
+  return stats;
+}
+
+// y = (x - mean) * (weight * invstd) + bias over a dense input.
+template <typename scalar_t>
+void normalize(
+    const Tensor& x,
+    Tensor& y,
+    const BatchNormShape& s,
+    const std::vector<NormalizeCoeffs<acc_type<scalar_t>>>& coeffs) {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* in = x.const_data_ptr<scalar_t>();
+  scalar_t* out = y.mutable_data_ptr<scalar_t>();
+  const int64_t C = s.C;
+  if (!s.channels_last) {
+    const int64_t L = s.L;
+    parallel_rows(s.N * C, L, [&](int64_t r) {
+      const NormalizeCoeffs<acc_t> k = coeffs[r % C];
+      const scalar_t* src = in + r * L;
+      scalar_t* dst = out + r * L;
+      for (int64_t i = 0; i < L; ++i) {
+        dst[i] = static_cast<scalar_t>(normalize_apply(k, static_cast<acc_t>(src[i])));
+      }
+    });
+  } else {
+    // Structure-of-arrays so the channel loop vectorises.
+    std::vector<acc_t> mean(C), scale(C), bias(C);
+    for (int64_t c = 0; c < C; ++c) {
+      mean[c] = coeffs[c].mean;
+      scale[c] = coeffs[c].scale;
+      bias[c] = coeffs[c].bias;
+    }
+    parallel_rows(s.reduce_size(), C, [&](int64_t r) {
+      const scalar_t* src = in + r * C;
+      scalar_t* dst = out + r * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const NormalizeCoeffs<acc_t> k{mean[c], scale[c], bias[c]};
+        dst[c] = static_cast<scalar_t>(normalize_apply(k, static_cast<acc_t>(src[c])));
+      }
+    });
+  }
+}
+
+} // namespace
+
+std::vector<double> param_values(const OptTensor& p, int64_t C, double fallback) {
+  std::vector<double> v(C, fallback);
+  if (p.has_value() && p->defined()) {
+    const Tensor d = p->to(at::kDouble).contiguous();
+    const double* data = d.const_data_ptr<double>();
+    std::copy(data, data + C, v.begin());
+  }
+  return v;
+}
+
+Tensor channel_tensor(const std::vector<double>& v, const Tensor& input, at::ScalarType dtype) {
+  return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).to(input.device(), dtype);
+}
+
+Tensor normalize_cpu(
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& bias,
+    const std::vector<double>& mean,
+    const std::vector<double>& invstd) {
+  const BatchNormShape s = check_input("bnorm_ext::normalize_cpu", input);
+  Tensor out = at::empty_like(input, output_memory_format(input));
+  if (input.numel() == 0) {
+    return out;
+  }
+  const Tensor x = dense_input(input);
+  const std::vector<double> w = param_values(weight, s.C, 1.0);
+  const std::vector<double> b = param_values(bias, s.C, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_elemt_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    std::vector<NormalizeCoeffs<acc_t>> coeffs(s.C);
+    for (int64_t c = 0; c < s.C; ++c) {
+      coeffs[c] = normalize_coeffs<acc_t>(mean[c], invstd[c], w[c], b[c]);
+    }
+    normalize<scalar_t>(x, out, s, coeffs);
+  });
+  return out;
+}
+
+void update_running_stats_cpu(
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    const OptTensor& num_batches_tracked,
+    std::optional<double> momentum,
+    const std::vector<Stats>& stats) {
+  const bool has_nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  if (has_nbt) {
+    num_batches_tracked->add_(1);
+  }
+  if (!running_mean.has_value() || !running_mean->defined() || stats.empty() ||
+      stats[0].count == 0.0) {
+    return; // NB: an empty batch leaves the running stats as they are, as torch does.
+  }
+  const double factor = running_average_factor(
+      momentum.has_value(), momentum.value_or(0.0),
+      has_nbt ? num_batches_tracked->item<int64_t>() : 1);
+  const int64_t C = static_cast<int64_t>(stats.size());
+  std::vector<double> rm = param_values(running_mean, C, 0.0);
+  std::vector<double> rv = param_values(running_var, C, 0.0);
+  for (int64_t c = 0; c < C; ++c) {
+    const double unbiased_var = stats[c].m2 / (stats[c].count - 1.0);
+    rm[c] = running_update(rm[c], stats[c].mean, factor);
+    rv[c] = running_update(rv[c], unbiased_var, factor);
+  }
+  running_mean->copy_(at::tensor(rm, at::kDouble).view(running_mean->sizes()));
+  running_var->copy_(at::tensor(rv, at::kDouble).view(running_var->sizes()));
+}
+
+std::vector<Stats> stats_cpu(const Tensor& input, const BatchNormShape& s) {
+  return channel_stats_any(dense_input(input), s);
+}
+
+namespace {
+
+// Checks of a training call, before anything is written.
+BatchNormShape check_train_args(
+    const char* op,
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& bias,
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    const OptTensor& num_batches_tracked,
+    std::optional<double> momentum,
+    double eps) {
+  const BatchNormShape s = check_input(op, input);
+  check_params(op, input, s.C, {{"weight", &weight}, {"bias", &bias}, {"running_mean", &running_mean}, {"running_var", &running_var}});
+  check_running_args(op, input, running_mean, running_var, num_batches_tracked, momentum);
+  check_eps(op, eps, /*training=*/true);
+  check_train_count(op, input, s.reduce_size());
+  return s;
+}
+
+std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
+  const char* op = "bnorm_ext::batch_norm_stats";
+  const BatchNormShape s = check_input(op, input);
+  const std::vector<Stats> stats = stats_cpu(input, s);
+  std::vector<double> mean(s.C), var(s.C);
+  for (int64_t c = 0; c < s.C; ++c) {
+    mean[c] = stats[c].mean;
+    var[c] = stats[c].count > 0.0 ? stats[c].m2 / stats[c].count : 0.0;
+  }
+  const auto acc = acc_scalar_type(input.scalar_type());
+  return {channel_tensor(mean, input, acc), channel_tensor(var, input, acc)};
+}
+
+std::tuple<Tensor, Tensor> batch_norm_gather_stats_cpu(
+    const Tensor& mean,
+    const Tensor& var,
+    const Tensor& counts,
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    const OptTensor& num_batches_tracked,
+    std::optional<double> momentum,
+    double eps) {
+  const char* op = "bnorm_ext::batch_norm_gather_stats";
+  TORCH_CHECK(
+      mean.dim() == 2 && var.sizes() == mean.sizes(),
+      op, ": expected mean and var of shape [P, C], got ", mean.sizes(), " and ",
+      var.sizes());
+  TORCH_CHECK(
+      counts.dim() == 1 && counts.size(0) == mean.size(0),
+      op, ": expected counts of shape [", mean.size(0), "], got ", counts.sizes());
+  TORCH_CHECK(
+      mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble,
+      op, ": expected mean of dtype float32 or float64, got ", mean.scalar_type());
+  TORCH_CHECK(
+      var.scalar_type() == mean.scalar_type(),
+      op, ": expected var of dtype ", mean.scalar_type(), ", got ", var.scalar_type());
+  const int64_t P = mean.size(0);
+  const int64_t C = mean.size(1);
+  // Running stats follow the parameter rule of an input in mean's dtype, or
+  // float16/bfloat16 running stats from a half-precision model.
+  const bool float_stats = mean.scalar_type() == at::kFloat;
+  for (const auto& [name, p] : {std::pair<const char*, const OptTensor*>{"running_mean", &running_mean}, {"running_var", &running_var}}) {
+    if (p->has_value() && (*p)->defined()) {
+      const auto t = (**p).scalar_type();
+      TORCH_CHECK((**p).numel() == C, op, ": expected ", name, " to have ", C, " elements, got ", (**p).numel());
+      TORCH_CHECK(
+          t == mean.scalar_type() || (float_stats && (t == at::kHalf || t == at::kBFloat16)),
+          op, ": expected ", name, " of dtype ", mean.scalar_type(), ", got ", t);
+      TORCH_CHECK((**p).device() == mean.device(), op, ": expected ", name, " on ", mean.device(), ", got ", (**p).device());
+    }
+  }
+  check_running_args(op, mean, running_mean, running_var, num_batches_tracked, momentum);
+  check_eps(op, eps, /*training=*/true);
+
+  const Tensor m = mean.to(at::kDouble).contiguous();
+  const Tensor v = var.to(at::kDouble).contiguous();
+  const Tensor n = counts.to(at::kDouble).contiguous();
+  const double* m_data = m.const_data_ptr<double>();
+  const double* v_data = v.const_data_ptr<double>();
+  const double* n_data = n.const_data_ptr<double>();
+  std::vector<Stats> stats(C, Stats{0.0, 0.0, 0.0});
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t p = 0; p < P; ++p) {
+      const double count = n_data[p];
+      stats[c] = welford_merge(stats[c], Stats{count, m_data[p * C + c], v_data[p * C + c] * count});
+    }
+  }
+  update_running_stats_cpu(running_mean, running_var, num_batches_tracked, momentum, stats);
+  std::vector<double> global_mean(C), invstd(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const double biased_var = stats[c].count > 0.0 ? stats[c].m2 / stats[c].count : 0.0;
+    global_mean[c] = stats[c].mean;
+    invstd[c] = invstd_from_var(biased_var, eps);
+  }
+  return {channel_tensor(global_mean, mean, mean.scalar_type()),
+          channel_tensor(invstd, mean, mean.scalar_type())};
+}
+
+Tensor batch_norm_elemt_cpu(
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& bias,
+    const Tensor& mean,
+    const Tensor& invstd) {
+  const char* op = "bnorm_ext::batch_norm_elemt";
+  const BatchNormShape s = check_input(op, input);
+  check_params(op, input, s.C, {{"weight", &weight}, {"bias", &bias}});
+  check_channel_stat(op, "mean", input, mean, s.C);
+  check_channel_stat(op, "invstd", input, invstd, s.C);
+  return normalize_cpu(input, weight, bias, param_values(mean, s.C, 0.0), param_values(invstd, s.C, 0.0));
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_train_cpu(
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& bias,
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    const OptTensor& num_batches_tracked,
+    std::optional<double> momentum,
+    double eps) {
+  const char* op = "bnorm_ext::batch_norm_forward_train";
+  const BatchNormShape s = check_train_args(op, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps);
+  const std::vector<Stats> stats = stats_cpu(input, s);
+  update_running_stats_cpu(running_mean, running_var, num_batches_tracked, momentum, stats);
+  const auto acc = acc_scalar_type(input.scalar_type());
+  std::vector<double> mean(s.C), invstd(s.C);
+  for (int64_t c = 0; c < s.C; ++c) {
+    const double biased_var = stats[c].count > 0.0 ? stats[c].m2 / stats[c].count : 0.0;
+    mean[c] = static_cast<double>(stats[c].mean);
+    invstd[c] = invstd_from_var(biased_var, eps);
+  }
+  // NB: normalize with the saved (acc-rounded) statistics, so backward sees
+  // exactly the mean/invstd the output was made with.
+  const Tensor save_mean = channel_tensor(mean, input, acc);
+  const Tensor save_invstd = channel_tensor(invstd, input, acc);
+  Tensor out = normalize_cpu(input, weight, bias, param_values(save_mean, s.C, 0.0), param_values(save_invstd, s.C, 0.0));
+  return {out, save_mean, save_invstd};
+}
+
+Tensor batch_norm_forward_eval_cpu(
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& bias,
+    const Tensor& running_mean,
+    const Tensor& running_var,
+    double eps) {
+  const char* op = "bnorm_ext::batch_norm_forward_eval";
+  const BatchNormShape s = check_input(op, input);
+  const OptTensor rm = running_mean, rv = running_var;
+  check_params(op, input, s.C, {{"weight", &weight}, {"bias", &bias}, {"running_mean", &rm}, {"running_var", &rv}});
+  check_eps(op, eps, /*training=*/false);
+  const std::vector<double> mean = param_values(rm, s.C, 0.0);
+  std::vector<double> invstd = param_values(rv, s.C, 1.0);
+  for (double& v : invstd) {
+    v = invstd_from_var(v, eps);
+  }
+  return normalize_cpu(input, weight, bias, mean, invstd);
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(bnorm_ext, CPU, m) {
+  m.impl("batch_norm_stats", &batch_norm_stats_cpu);
+  m.impl("batch_norm_gather_stats", &batch_norm_gather_stats_cpu);
+  m.impl("batch_norm_elemt", &batch_norm_elemt_cpu);
+  m.impl("batch_norm_forward_train", &batch_norm_forward_train_cpu);
+  m.impl("batch_norm_forward_eval", &batch_norm_forward_eval_cpu);
+}
+
+} // namespace cpu
+} // namespace bnorm_ext

@@ -1,0 +1,85 @@
+// Operator schemas of the bnorm_ext namespace; kernels are registered per
+// backend in csrc/cpu and csrc/cuda, fake kernels in bnorm_ext/_fake.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef BNORM_EXT_CUDA_ARCHS
+#define BNORM_EXT_CUDA_ARCHS ""
+#endif
+
+extern "C" {
+// Importing bnorm_ext._C runs the static registrations below.
+static PyObject* build_info(PyObject*, PyObject*) {
+#ifdef BNORM_EXT_WITH_CUDA
+  PyObject* cuda = Py_True;
+#else
+  PyObject* cuda = Py_False;
+#endif
+#ifdef BNORM_EXT_DEBUG
+  PyObject* debug = Py_True;
+#else
+  PyObject* debug = Py_False;
+#endif
+  return Py_BuildValue(
+      "{s:O,s:s,s:O}",
+      "cuda_compiled", cuda,
+      "cuda_archs", BNORM_EXT_CUDA_ARCHS,
+      "debug", debug);
+}
+
+static PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "How the extension was compiled."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+  return PyModule_Create(&module_def);
+}
+}
+
+// Shapes: input is (N, C, *); per-channel tensors are [C]; per-process
+// statistics are [P, C] with counts [P]. Statistics come back in the acc dtype
+// (float64 for float64 input, float32 otherwise).
+TORCH_LIBRARY(bnorm_ext, m) {
+  // Per-channel mean and biased variance of the input.
+  m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  // Merges per-process (mean, var, count) in a fixed order; updates running
+  // stats (unbiased var); returns the global mean and invstd.
+  m.def(
+      "batch_norm_gather_stats(Tensor mean, Tensor var, Tensor counts, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "Tensor(c!)? num_batches_tracked, float? momentum, float eps) "
+      "-> (Tensor mean, Tensor invstd)");
+  // y = (x - mean) * invstd * weight + bias.
+  m.def(
+      "batch_norm_elemt(Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor mean, Tensor invstd) -> Tensor");
+  // Training forward: batch statistics, running-stat update, normalization.
+  m.def(
+      "batch_norm_forward_train(Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "Tensor(c!)? num_batches_tracked, float? momentum, float eps) "
+      "-> (Tensor output, Tensor save_mean, Tensor save_invstd)");
+  // Eval forward: one scale-shift from the running statistics.
+  m.def(
+      "batch_norm_forward_eval(Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor running_mean, Tensor running_var, float eps) -> Tensor");
+  // Gradients of input, weight and bias (training: saved batch stats; eval:
+  // running stats and eps).
+  m.def(
+      "batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, "
+      "Tensor? running_mean, Tensor? running_var, Tensor? save_mean, "
+      "Tensor? save_invstd, bool training, float eps) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // Per-channel sum(dy) and sum(dy * (x - mean)).
+  m.def(
+      "batch_norm_backward_reduce(Tensor grad_out, Tensor input, Tensor mean) "
+      "-> (Tensor sum_dy, Tensor sum_dy_xmu)");
+  // Training-mode input gradient from (globally reduced) sums; the count is
+  // counts.sum().
+  m.def(
+      "batch_norm_backward_elemt(Tensor grad_out, Tensor input, Tensor mean, "
+      "Tensor invstd, Tensor? weight, Tensor sum_dy, Tensor sum_dy_xmu, "
+      "Tensor counts) -> Tensor");
+}

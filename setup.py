@@ -1,0 +1,97 @@
+"""Builds bnorm_ext._C: CPU kernels always, CUDA kernels when a toolkit is there.
+
+Environment switches:
+  BNORM_EXT_CUDA=1|0      force / disable the CUDA build (default: build CUDA
+                          when torch is a CUDA build and CUDA_HOME has nvcc)
+  TORCH_CUDA_ARCH_LIST    architectures to compile for; default when no GPU is
+                          visible: "8.0;9.0" (sm_80, sm_90)
+  MAX_JOBS                parallel compile jobs (ninja)
+  BNORM_EXT_DEBUG=1       debug build (-O0 -g, device -G, no NDEBUG)
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def _flag(name):
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be 0 or 1, got {os.environ[name]!r}")
+
+
+def _cuda_archs():
+    """Sets TORCH_CUDA_ARCH_LIST when unset and no GPU is visible; returns it."""
+    import torch
+
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not archs:
+        if torch.cuda.is_available():
+            caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+            archs = ";".join(f"{major}.{minor}" for major, minor in caps)
+        else:
+            archs = DEFAULT_CUDA_ARCHS
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    return archs
+
+
+def _extension():
+    import torch
+
+    debug = _flag("BNORM_EXT_DEBUG") is True
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    want_cuda = _flag("BNORM_EXT_CUDA")
+    can_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and bool(cuda_sources)
+    if want_cuda and not can_cuda:
+        raise RuntimeError(
+            "BNORM_EXT_CUDA=1 but the CUDA build is not possible: needs a CUDA build of torch "
+            f"(torch.version.cuda={torch.version.cuda}), CUDA_HOME with nvcc "
+            f"(found {cpp_extension.CUDA_HOME}) and csrc/cuda/*.cu sources"
+        )
+    use_cuda = can_cuda if want_cuda is None else want_cuda
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx = opt + ["-fopenmp"]
+    define_macros = [("BNORM_EXT_DEBUG", None)] if debug else []
+    extra_link_args = ["-fopenmp"]
+    if not use_cuda:
+        return cpp_extension.CppExtension(
+            "bnorm_ext._C",
+            sources,
+            extra_compile_args={"cxx": cxx},
+            define_macros=define_macros,
+            extra_link_args=extra_link_args,
+        )
+    archs = _cuda_archs()
+    nvcc = (["-O0", "-G", "-g"] if debug else ["-O3", "-lineinfo"]) + ["--expt-relaxed-constexpr"]
+    define_macros += [("BNORM_EXT_WITH_CUDA", None), ("BNORM_EXT_CUDA_ARCHS", f'"{archs}"')]
+    return cpp_extension.CUDAExtension(
+        "bnorm_ext._C",
+        sources + cuda_sources,
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        define_macros=define_macros,
+        extra_link_args=extra_link_args,
+    )
+
+
+setup(
+    name="bnorm_ext",
+    version="0.1.0",
+    description="Fast, faithful BatchNorm kernels for PyTorch (drop-in for torch.nn.BatchNorm2d)",
+    packages=find_packages(include=["bnorm_ext", "bnorm_ext.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4"],
+)
