@@ -72,4 +72,29 @@ void check_grad_out(const char* op, const Tensor& input, const Tensor& grad_out)
 // eps > 0 in training, eps >= 0 otherwise (ValueError, as torch).
 void check_eps(const char* op, double eps, bool training);
 
+// All checks of a training forward (input, params, running args, eps, count).
+BatchNormShape check_train_args(
+    const char* op,
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& bias,
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    const OptTensor& num_batches_tracked,
+    std::optional<double> momentum,
+    double eps);
+
+// Checks of batch_norm_gather_stats: mean/var [P, C] float32/float64, counts
+// [P], running stats in mean's dtype (or half beside float32 stats).
+void check_gather_args(
+    const char* op,
+    const Tensor& mean,
+    const Tensor& var,
+    const Tensor& counts,
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    const OptTensor& num_batches_tracked,
+    std::optional<double> momentum,
+    double eps);
+
 } // namespace bnorm_ext

@@ -66,6 +66,50 @@ C10_HOST_DEVICE inline WelfordData<acc_t> welford_from_sums(
   return {count, shifted_sum / count, m2};
 }
 
+// Thread-level running sums of values shifted by the channel's shift K:
+// count, sum(v - K), sum((v - K)^2). Cheap per element (no division).
+template <typename acc_t>
+struct ShiftedSums {
+  acc_t count;
+  acc_t s1;
+  acc_t s2;
+};
+
+template <typename acc_t>
+C10_HOST_DEVICE inline void shifted_sums_add(ShiftedSums<acc_t>& s, acc_t shifted) {
+  s.count += acc_t(1);
+  s.s1 += shifted;
+  s.s2 += shifted * shifted;
+}
+
+// NB: s2 - s1^2 / n only cancels when the shift is far from the mean in units
+// of the standard deviation; the shift is a sample of the channel, so the loss
+// is a few bits at worst, and the merges above it are exact.
+template <typename acc_t>
+C10_HOST_DEVICE inline WelfordData<acc_t> welford_from_shifted_sums(
+    const ShiftedSums<acc_t>& s) {
+  if (s.count == acc_t(0)) {
+    return {acc_t(0), acc_t(0), acc_t(0)};
+  }
+  const acc_t mean = s.s1 / s.count;
+  const acc_t m2 = s.s2 - s.s1 * mean;
+  return {s.count, mean, m2 > acc_t(0) ? m2 : acc_t(0)};
+}
+
+// Per-channel gradient sums: sum(dy) and sum(dy * (x - mean)); merged by adding.
+template <typename acc_t>
+struct GradSums {
+  acc_t sum_dy;
+  acc_t sum_dy_xmu;
+};
+
+template <typename acc_t>
+C10_HOST_DEVICE inline GradSums<acc_t> grad_sums_merge(
+    const GradSums<acc_t>& a,
+    const GradSums<acc_t>& b) {
+  return {a.sum_dy + b.sum_dy, a.sum_dy_xmu + b.sum_dy_xmu};
+}
+
 // 1 / sqrt(var + eps) in the accumulation type.
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t invstd_from_var(acc_t var, acc_t eps) {

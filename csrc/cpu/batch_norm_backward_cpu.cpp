@@ -13,19 +13,16 @@ namespace bnorm_ext {
 namespace cpu {
 namespace {
 
-struct GradSums {
-  double sum_dy;
-  double sum_dy_xmu;
-};
+using Sums = GradSums<double>;
 
-GradSums add(const GradSums& a, const GradSums& b) {
-  return {a.sum_dy + b.sum_dy, a.sum_dy_xmu + b.sum_dy_xmu};
+Sums add(const Sums& a, const Sums& b) {
+  return grad_sums_merge(a, b);
 }
 
 // Per-channel sum(dy) and sum(dy * (x - mean)) of dense dy and x (same
 // layout). NB: accumulated in acc_t within a row/block, in double across them.
 template <typename scalar_t>
-std::vector<GradSums> grad_sums(
+std::vector<Sums> grad_sums(
     const Tensor& dy,
     const Tensor& x,
     const BatchNormShape& s,
@@ -35,10 +32,10 @@ std::vector<GradSums> grad_sums(
   const scalar_t* in = x.const_data_ptr<scalar_t>();
   const int64_t C = s.C;
   const std::vector<acc_t> mean(mean_values.begin(), mean_values.end());
-  const GradSums zero{0.0, 0.0};
+  const Sums zero{0.0, 0.0};
   if (!s.channels_last) {
     const int64_t L = s.L;
-    return reduce_rows_nchw<GradSums>(s.N, C, L, zero, [&](int64_t n, int64_t c) {
+    return reduce_rows_nchw<Sums>(s.N, C, L, zero, [&](int64_t n, int64_t c) {
       const int64_t offset = (n * C + c) * L;
       const scalar_t* g_row = g + offset;
       const scalar_t* x_row = in + offset;
@@ -49,10 +46,10 @@ std::vector<GradSums> grad_sums(
       const acc_t sum_dy_xmu = lane_sum<acc_t>(L, [&](int64_t i) {
         return static_cast<acc_t>(g_row[i]) * (static_cast<acc_t>(x_row[i]) - m);
       });
-      return GradSums{sum_dy, sum_dy_xmu};
+      return Sums{sum_dy, sum_dy_xmu};
     }, add);
   }
-  return reduce_blocks_cl<GradSums>(s.reduce_size(), C, zero, [&](int64_t r0, int64_t r1, GradSums* out) {
+  return reduce_blocks_cl<Sums>(s.reduce_size(), C, zero, [&](int64_t r0, int64_t r1, Sums* out) {
     std::vector<acc_t> sum_dy(C, acc_t(0)), sum_dy_xmu(C, acc_t(0));
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* g_row = g + r * C;
@@ -64,7 +61,7 @@ std::vector<GradSums> grad_sums(
       }
     }
     for (int64_t c = 0; c < C; ++c) {
-      out[c] = GradSums{sum_dy[c], sum_dy_xmu[c]};
+      out[c] = Sums{sum_dy[c], sum_dy_xmu[c]};
     }
   }, add);
 }
@@ -116,12 +113,12 @@ void grad_input(
   }
 }
 
-std::vector<GradSums> grad_sums_any(
+std::vector<Sums> grad_sums_any(
     const Tensor& dy,
     const Tensor& x,
     const BatchNormShape& s,
     const std::vector<double>& mean) {
-  std::vector<GradSums> sums;
+  std::vector<Sums> sums;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_backward_reduce_cpu", [&] {
     sums = grad_sums<scalar_t>(dy, x, s, mean);
   });
@@ -161,7 +158,7 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cpu(
   const BatchNormShape s = check_input(op, input);
   check_grad_out(op, input, grad_out);
   check_channel_stat(op, "mean", input, mean, s.C);
-  const std::vector<GradSums> sums = grad_sums_any(dense_grad(grad_out, input), dense_input(input), s, param_values(mean, s.C, 0.0));
+  const std::vector<Sums> sums = grad_sums_any(dense_grad(grad_out, input), dense_input(input), s, param_values(mean, s.C, 0.0));
   std::vector<double> sum_dy(s.C), sum_dy_xmu(s.C);
   for (int64_t c = 0; c < s.C; ++c) {
     sum_dy[c] = sums[c].sum_dy;
@@ -238,7 +235,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   }
   const Tensor dy = dense_grad(grad_out, input);
   const Tensor x = dense_input(input);
-  const std::vector<GradSums> sums = grad_sums_any(dy, x, s, mean);
+  const std::vector<Sums> sums = grad_sums_any(dy, x, s, mean);
   const std::vector<double> w = param_values(weight, s.C, 1.0);
   const double count = static_cast<double>(s.reduce_size());
   std::vector<BackwardCoeffs<double>> coeffs(s.C);

@@ -205,25 +205,6 @@ std::vector<Stats> stats_cpu(const Tensor& input, const BatchNormShape& s) {
 
 namespace {
 
-// Checks of a training call, before anything is written.
-BatchNormShape check_train_args(
-    const char* op,
-    const Tensor& input,
-    const OptTensor& weight,
-    const OptTensor& bias,
-    const OptTensor& running_mean,
-    const OptTensor& running_var,
-    const OptTensor& num_batches_tracked,
-    std::optional<double> momentum,
-    double eps) {
-  const BatchNormShape s = check_input(op, input);
-  check_params(op, input, s.C, {{"weight", &weight}, {"bias", &bias}, {"running_mean", &running_mean}, {"running_var", &running_var}});
-  check_running_args(op, input, running_mean, running_var, num_batches_tracked, momentum);
-  check_eps(op, eps, /*training=*/true);
-  check_train_count(op, input, s.reduce_size());
-  return s;
-}
-
 std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
   const char* op = "bnorm_ext::batch_norm_stats";
   const BatchNormShape s = check_input(op, input);
@@ -247,37 +228,9 @@ std::tuple<Tensor, Tensor> batch_norm_gather_stats_cpu(
     std::optional<double> momentum,
     double eps) {
   const char* op = "bnorm_ext::batch_norm_gather_stats";
-  TORCH_CHECK(
-      mean.dim() == 2 && var.sizes() == mean.sizes(),
-      op, ": expected mean and var of shape [P, C], got ", mean.sizes(), " and ",
-      var.sizes());
-  TORCH_CHECK(
-      counts.dim() == 1 && counts.size(0) == mean.size(0),
-      op, ": expected counts of shape [", mean.size(0), "], got ", counts.sizes());
-  TORCH_CHECK(
-      mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble,
-      op, ": expected mean of dtype float32 or float64, got ", mean.scalar_type());
-  TORCH_CHECK(
-      var.scalar_type() == mean.scalar_type(),
-      op, ": expected var of dtype ", mean.scalar_type(), ", got ", var.scalar_type());
+  check_gather_args(op, mean, var, counts, running_mean, running_var, num_batches_tracked, momentum, eps);
   const int64_t P = mean.size(0);
   const int64_t C = mean.size(1);
-  // Running stats follow the parameter rule of an input in mean's dtype, or
-  // float16/bfloat16 running stats from a half-precision model.
-  const bool float_stats = mean.scalar_type() == at::kFloat;
-  for (const auto& [name, p] : {std::pair<const char*, const OptTensor*>{"running_mean", &running_mean}, {"running_var", &running_var}}) {
-    if (p->has_value() && (*p)->defined()) {
-      const auto t = (**p).scalar_type();
-      TORCH_CHECK((**p).numel() == C, op, ": expected ", name, " to have ", C, " elements, got ", (**p).numel());
-      TORCH_CHECK(
-          t == mean.scalar_type() || (float_stats && (t == at::kHalf || t == at::kBFloat16)),
-          op, ": expected ", name, " of dtype ", mean.scalar_type(), ", got ", t);
-      TORCH_CHECK((**p).device() == mean.device(), op, ": expected ", name, " on ", mean.device(), ", got ", (**p).device());
-    }
-  }
-  check_running_args(op, mean, running_mean, running_var, num_batches_tracked, momentum);
-  check_eps(op, eps, /*training=*/true);
-
   const Tensor m = mean.to(at::kDouble).contiguous();
   const Tensor v = var.to(at::kDouble).contiguous();
   const Tensor n = counts.to(at::kDouble).contiguous();
