@@ -16,6 +16,7 @@ from .modules import (
     convert_batchnorm,
     revert_batchnorm,
 )
+from .sync_batchnorm import SyncBatchNorm
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchNormFunction",
+    "SyncBatchNorm",
     "batch_norm",
     "build_info",
     "convert_batchnorm",
