@@ -83,6 +83,10 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
         # Local statistics (zeros for an empty batch, which then weighs 0).
         mean, var = torch.ops.bnorm_ext.batch_norm_stats(input)
+        # NB: the op's own checks of weight/bias against the input, on an empty
+        # slice (no kernel runs), so a bad parameter raises before any
+        # collective and before gather_stats writes the running stats.
+        torch.ops.bnorm_ext.batch_norm_elemt(input[:0], weight, bias, mean, var)
         # NB: one float64 message [mean(C), var(C), count] per process: float32
         # statistics are exact in float64 and the count stays exact past 2**24.
         # The count comes from the shape, filled on the device: no host sync.

@@ -512,6 +512,21 @@ def _suite_world3(rank, world_size, device="cpu"):
         assert torch.equal(v, before[k]), f"{k} changed by a call that raised"
     R["global count 1 raises"] = {"passed": 1}
 
+    # a parameter of the wrong dtype raises on every rank before any
+    # collective, with the running stats untouched
+    m = SyncBatchNorm(3).double()
+    m.weight.data = m.weight.data.float()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    try:
+        m(torch.randn((4, 3, 2), dtype=torch.float64) * 3 + 5)
+    except RuntimeError as e:
+        assert "weight" in str(e), e
+    else:
+        raise AssertionError("a float32 weight with a float64 input did not raise")
+    for k, v in m.state_dict().items():
+        assert torch.equal(v.to(before[k].dtype), before[k]), f"{k} changed by a call that raised"
+    R["bad parameter raises"] = {"passed": 1}
+
     # every rank empty: empty output, running stats kept, num_batches_tracked + 1,
     # as single-process BatchNorm on an empty batch
     m = SyncBatchNorm(3).double()
@@ -682,6 +697,7 @@ def test_world3_parity(world3, case):
 
 def test_world3_degenerate_batches(world3):
     assert len(_cases(world3, "global count 1 raises")) == 3
+    assert len(_cases(world3, "bad parameter raises")) == 3
     assert len(_cases(world3, "all ranks empty")) == 3
 
 
