@@ -32,8 +32,10 @@ BatchNormShape check_input(const char* op, const Tensor& input) {
     shape.L *= input.size(d);
   }
   const auto format = output_memory_format(input);
+  // NB: with one value per (n, c) (an (N, C) input, or H = W = 1) the dense
+  // layout is [N, C] either way; the channels-last kernels read it coalesced.
   shape.channels_last = format == at::MemoryFormat::ChannelsLast ||
-      format == at::MemoryFormat::ChannelsLast3d;
+      format == at::MemoryFormat::ChannelsLast3d || shape.L == 1;
   return shape;
 }
 
@@ -219,6 +221,16 @@ void check_gather_args(
       TORCH_CHECK((**p).device() == mean.device(), op, ": expected ", name, " on ", mean.device(), ", got ", (**p).device());
     }
   }
+  if (running_mean.has_value() && running_mean->defined() && running_var.has_value() && running_var->defined()) {
+    TORCH_CHECK(
+        running_var->scalar_type() == running_mean->scalar_type(),
+        op, ": expected running_var of the same dtype as running_mean (",
+        running_mean->scalar_type(), "), got ", running_var->scalar_type());
+  }
+  TORCH_CHECK(
+      counts.device() == mean.device() && var.device() == mean.device(),
+      op, ": expected var and counts on mean's device ", mean.device(), ", got ",
+      var.device(), " and ", counts.device());
   check_running_args(op, mean, running_mean, running_var, num_batches_tracked, momentum);
   check_eps(op, eps, /*training=*/true);
 }

@@ -25,9 +25,9 @@ template <typename scalar_t>
 using acc_type = typename AccType<scalar_t>::type;
 
 // Partial statistics of a set of values: count, mean and M2 = sum((v - mean)^2).
-// NB: `mean` is relative to the per-channel shift chosen by the caller (see
-// stats_shift below); shifting keeps large-mean data (1e4 + N(0,1)) from
-// cancelling in float32.
+// NB: the CPU kernels keep `mean` relative to a per-channel shift (the
+// channel's first value) so that large-mean data (1e4 + N(0,1)) does not
+// cancel in float32 sums; merging is the same either way.
 template <typename acc_t>
 struct WelfordData {
   acc_t count;
@@ -41,16 +41,22 @@ template <typename acc_t>
 C10_HOST_DEVICE inline WelfordData<acc_t> welford_merge(
     const WelfordData<acc_t>& a,
     const WelfordData<acc_t>& b) {
-  const acc_t count = a.count + b.count;
-  if (count == acc_t(0)) {
-    return {acc_t(0), acc_t(0), acc_t(0)};
+  // NB: an empty side returns the other as is (no 0 * inf from a huge mean).
+  if (a.count == acc_t(0)) {
+    return b;
   }
+  if (b.count == acc_t(0)) {
+    return a;
+  }
+  const acc_t count = a.count + b.count;
   const acc_t delta = b.mean - a.mean;
   const acc_t b_frac = b.count / count;
-  return {
-      count,
-      a.mean + delta * b_frac,
-      a.m2 + b.m2 + delta * delta * a.count * b_frac};
+  // NB: with an infinite mean on a side, a.mean + delta * b_frac would be
+  // inf - inf = NaN; the weighted average keeps +-inf, as a plain sum does.
+  const acc_t mean = std::isfinite(delta)
+      ? a.mean + delta * b_frac
+      : a.mean * (a.count / count) + b.mean * b_frac;
+  return {count, mean, a.m2 + b.m2 + delta * delta * a.count * b_frac};
 }
 
 // Stats of one contiguous run of `count` values known by their shifted sum
@@ -66,34 +72,14 @@ C10_HOST_DEVICE inline WelfordData<acc_t> welford_from_sums(
   return {count, shifted_sum / count, m2};
 }
 
-// Thread-level running sums of values shifted by the channel's shift K:
-// count, sum(v - K), sum((v - K)^2). Cheap per element (no division).
+// One value into a running Welford state (the per-element update, used where
+// values arrive one at a time; stable for any shift of the data).
 template <typename acc_t>
-struct ShiftedSums {
-  acc_t count;
-  acc_t s1;
-  acc_t s2;
-};
-
-template <typename acc_t>
-C10_HOST_DEVICE inline void shifted_sums_add(ShiftedSums<acc_t>& s, acc_t shifted) {
-  s.count += acc_t(1);
-  s.s1 += shifted;
-  s.s2 += shifted * shifted;
-}
-
-// NB: s2 - s1^2 / n only cancels when the shift is far from the mean in units
-// of the standard deviation; the shift is a sample of the channel, so the loss
-// is a few bits at worst, and the merges above it are exact.
-template <typename acc_t>
-C10_HOST_DEVICE inline WelfordData<acc_t> welford_from_shifted_sums(
-    const ShiftedSums<acc_t>& s) {
-  if (s.count == acc_t(0)) {
-    return {acc_t(0), acc_t(0), acc_t(0)};
-  }
-  const acc_t mean = s.s1 / s.count;
-  const acc_t m2 = s.s2 - s.s1 * mean;
-  return {s.count, mean, m2 > acc_t(0) ? m2 : acc_t(0)};
+C10_HOST_DEVICE inline void welford_add(WelfordData<acc_t>& w, acc_t v) {
+  w.count += acc_t(1);
+  const acc_t delta = v - w.mean;
+  w.mean += delta / w.count;
+  w.m2 += delta * (v - w.mean);
 }
 
 // Per-channel gradient sums: sum(dy) and sum(dy * (x - mean)); merged by adding.
@@ -116,12 +102,15 @@ C10_HOST_DEVICE inline acc_t invstd_from_var(acc_t var, acc_t eps) {
   return acc_t(1) / std::sqrt(var + eps);
 }
 
-// y = (x - mean) * scale + bias, with scale = weight * invstd.
+// y = ((x - mean) - mean_lo) * scale + bias, with scale = weight * invstd.
 // NB: subtracting the mean first (rather than x * scale + shift) keeps the
 // output accurate when |mean| >> std: x - mean is exact when they are close.
+// mean_lo carries what a higher-precision mean loses in acc_t (mean + mean_lo
+// is the mean to twice acc_t's precision; 0 when there is nothing more).
 template <typename acc_t>
 struct NormalizeCoeffs {
   acc_t mean;
+  acc_t mean_lo;
   acc_t scale;
   acc_t bias;
 };
@@ -131,15 +120,16 @@ C10_HOST_DEVICE inline NormalizeCoeffs<acc_t> normalize_coeffs(
     acc_t mean,
     acc_t invstd,
     acc_t weight,
-    acc_t bias) {
-  return {mean, weight * invstd, bias};
+    acc_t bias,
+    acc_t mean_lo = acc_t(0)) {
+  return {mean, mean_lo, weight * invstd, bias};
 }
 
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t normalize_apply(
     const NormalizeCoeffs<acc_t>& k,
     acc_t x) {
-  return (x - k.mean) * k.scale + k.bias;
+  return ((x - k.mean) - k.mean_lo) * k.scale + k.bias;
 }
 
 // Training-mode input gradient, per channel:

@@ -112,9 +112,10 @@ void normalize(
     });
   } else {
     // Structure-of-arrays so the channel loop vectorises.
-    std::vector<acc_t> mean(C), scale(C), bias(C);
+    std::vector<acc_t> mean(C), mean_lo(C), scale(C), bias(C);
     for (int64_t c = 0; c < C; ++c) {
       mean[c] = coeffs[c].mean;
+      mean_lo[c] = coeffs[c].mean_lo;
       scale[c] = coeffs[c].scale;
       bias[c] = coeffs[c].bias;
     }
@@ -122,7 +123,7 @@ void normalize(
       const scalar_t* src = in + r * C;
       scalar_t* dst = out + r * C;
       for (int64_t c = 0; c < C; ++c) {
-        const NormalizeCoeffs<acc_t> k{mean[c], scale[c], bias[c]};
+        const NormalizeCoeffs<acc_t> k{mean[c], mean_lo[c], scale[c], bias[c]};
         dst[c] = static_cast<scalar_t>(normalize_apply(k, static_cast<acc_t>(src[c])));
       }
     });
@@ -163,7 +164,9 @@ Tensor normalize_cpu(
     using acc_t = acc_type<scalar_t>;
     std::vector<NormalizeCoeffs<acc_t>> coeffs(s.C);
     for (int64_t c = 0; c < s.C; ++c) {
-      coeffs[c] = normalize_coeffs<acc_t>(mean[c], invstd[c], w[c], b[c]);
+      const acc_t mean_hi = static_cast<acc_t>(mean[c]);
+      const acc_t mean_lo = static_cast<acc_t>(mean[c] - static_cast<double>(mean_hi));
+      coeffs[c] = normalize_coeffs<acc_t>(mean_hi, invstd[c], w[c], b[c], mean_lo);
     }
     normalize<scalar_t>(x, out, s, coeffs);
   });
@@ -289,11 +292,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_train_cpu(
     mean[c] = static_cast<double>(stats[c].mean);
     invstd[c] = invstd_from_var(biased_var, eps);
   }
-  // NB: normalize with the saved (acc-rounded) statistics, so backward sees
-  // exactly the mean/invstd the output was made with.
+  // NB: normalized with the double statistics (the mean as hi + lo in acc_t),
+  // more accurate than the acc-rounded save_mean when |mean| >> std.
   const Tensor save_mean = channel_tensor(mean, input, acc);
   const Tensor save_invstd = channel_tensor(invstd, input, acc);
-  Tensor out = normalize_cpu(input, weight, bias, param_values(save_mean, s.C, 0.0), param_values(save_invstd, s.C, 0.0));
+  Tensor out = normalize_cpu(input, weight, bias, mean, invstd);
   return {out, save_mean, save_invstd};
 }
 

@@ -111,7 +111,8 @@ Tensor batch_norm_backward_elemt_cuda(
   const Tensor dy = dense_grad(grad_out, input);
   const Tensor x = dense_input(input);
   const OptTensor w = contiguous_param(weight);
-  const Tensor n = counts.to(acc_scalar_type(input.scalar_type())).contiguous();
+  // NB: summed once, in double, on the device (no host sync).
+  const Tensor n = counts.to(at::kDouble).sum().to(acc_scalar_type(input.scalar_type())).reshape({1});
   const Tensor m = mean.contiguous(), is = invstd.contiguous(), sdy = sum_dy.contiguous(), sdyx = sum_dy_xmu.contiguous();
   dispatch_input_and_param(input.scalar_type(), param_scalar_type(input, {&weight}), [&](auto scalar_tag, auto param_tag) {
     using scalar_t = decltype(scalar_tag);
@@ -119,7 +120,7 @@ Tensor batch_norm_backward_elemt_cuda(
     using acc_t = acc_type<scalar_t>;
     const BackwardCoeffLoader<acc_t, param_t, true> coeffs{
         m.const_data_ptr<acc_t>(), is.const_data_ptr<acc_t>(), opt_ptr<param_t>(w),
-        sdy.const_data_ptr<acc_t>(), sdyx.const_data_ptr<acc_t>(), n.const_data_ptr<acc_t>(), n.numel()};
+        sdy.const_data_ptr<acc_t>(), sdyx.const_data_ptr<acc_t>(), n.const_data_ptr<acc_t>()};
     grad_input<scalar_t, decltype(coeffs), true>(dy, x, dx, s, coeffs);
   });
   return dx;
@@ -153,7 +154,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
     check_eps(op, eps, /*training=*/false);
     // NB: C-sized, in-stream; eval backward is off the hot path.
     mean = running_mean->to(acc).contiguous();
-    invstd = (running_var->to(acc) + eps).rsqrt();
+    invstd = (running_var->to(acc) + eps).sqrt().reciprocal(); // as invstd_from_var
   }
   const auto param_type = param_scalar_type(input, {&weight, &running_mean, &running_var});
   const auto param_options = input.options().dtype(weight.has_value() && weight->defined() ? weight->scalar_type() : acc);
@@ -187,12 +188,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
       const Tensor n = at::full({1}, count, input.options().dtype(acc));
       const BackwardCoeffLoader<acc_t, param_t, true> coeffs{
           mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), opt_ptr<param_t>(w),
-          sum_dy.const_data_ptr<acc_t>(), sum_dy_xmu.const_data_ptr<acc_t>(), n.const_data_ptr<acc_t>(), 1};
+          sum_dy.const_data_ptr<acc_t>(), sum_dy_xmu.const_data_ptr<acc_t>(), n.const_data_ptr<acc_t>()};
       grad_input<scalar_t, decltype(coeffs), true>(dy, x, dx, s, coeffs);
     } else {
       const BackwardCoeffLoader<acc_t, param_t, false> coeffs{
           mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), opt_ptr<param_t>(w),
-          nullptr, nullptr, nullptr, 0};
+          nullptr, nullptr, nullptr};
       grad_input<scalar_t, decltype(coeffs), false>(dy, x, dx, s, coeffs);
     }
   });

@@ -38,6 +38,12 @@ struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
+// 32-bit indexing when every index the kernels form, including a grid-stride
+// step or a split end past the last element, stays below 2^31.
+inline bool use_32bit_index(int64_t numel) {
+  return numel <= std::numeric_limits<int32_t>::max() - (int64_t(1) << 24);
+}
+
 inline bool is_aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
@@ -87,20 +93,21 @@ __device__ __forceinline__ void merge_over_rows(Partial* smem, int tx, int ty, i
   }
 }
 
-// Reducer for the forward statistics: shifted sums per thread, Welford
-// partials across threads and blocks.
+// Reducer for the forward statistics: Welford per element in each thread,
+// Chan merges across threads and blocks.
+// NB: no shifted one-pass sums here: s2 - s1^2/n cancels when the data sit far
+// from the shift (e.g. a zero-padded first element of a 1e4-mean channel).
 template <typename scalar_t>
 struct StatsReducer {
   using acc_t = acc_type<scalar_t>;
   using Value = acc_t;
-  using State = ShiftedSums<acc_t>;
+  using State = WelfordData<acc_t>;
   using Partial = WelfordData<acc_t>;
-  using Context = acc_t; // the channel's shift
+  struct Context {};
   const scalar_t* x;
-  int64_t shift_stride; // channel c's first element is x[c * shift_stride]
 
-  __device__ Context context(int64_t c) const {
-    return static_cast<acc_t>(x[c * shift_stride]);
+  __device__ Context context(int64_t) const {
+    return {};
   }
   __device__ State init() const {
     return {acc_t(0), acc_t(0), acc_t(0)};
@@ -109,11 +116,11 @@ struct StatsReducer {
   __device__ void load(index_t i, Value (&v)[VEC]) const {
     load_acc<VEC>(x, i, v);
   }
-  __device__ void add(State& s, const Context& shift, const Value& v) const {
-    shifted_sums_add(s, v - shift);
+  __device__ void add(State& s, const Context&, const Value& v) const {
+    welford_add(s, v);
   }
   __device__ Partial finish(const State& s) const {
-    return welford_from_shifted_sums(s);
+    return s;
   }
   __device__ static Partial merge(const Partial& a, const Partial& b) {
     return welford_merge(a, b);
@@ -264,7 +271,7 @@ std::pair<Tensor, int64_t> launch_channel_reduce(
   static_assert(sizeof(Partial) % sizeof(acc_t) == 0, "Partial must be made of acc_t");
   constexpr int kVec = vec_size<scalar_t>();
   const int64_t numel = s.N * s.C * s.L;
-  const bool use32 = numel <= std::numeric_limits<int32_t>::max();
+  const bool use32 = use_32bit_index(numel);
   const int64_t target_blocks = static_cast<int64_t>(sm_count()) * kBlocksPerSm;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   int64_t splits;
@@ -362,7 +369,7 @@ template <typename Op, typename scalar_t>
 void launch_channel_elementwise(const Op& op, const BatchNormShape& s, bool aligned) {
   constexpr int kVec = vec_size<scalar_t>();
   const int64_t numel = s.N * s.C * s.L;
-  const bool use32 = numel <= std::numeric_limits<int32_t>::max();
+  const bool use32 = use_32bit_index(numel);
   const bool vec = aligned && (s.channels_last ? s.C % kVec == 0 : s.L % kVec == 0);
   const int64_t vectors = numel / (vec ? kVec : 1);
   const int64_t max_blocks = static_cast<int64_t>(sm_count()) * 8;
@@ -438,15 +445,13 @@ struct NormalizeOp {
 };
 
 // Single-block finalize of the forward statistics: merges partials[c, 0..splits)
-// in order, adds the shift back, writes mean and invstd (or biased var) and, for
+// in order, writes mean and invstd (or biased var) and, for
 // a non-empty batch, updates the running stats; increments num_batches_tracked.
-template <typename acc_t, typename shift_t, typename param_t>
+template <typename acc_t, typename param_t>
 __global__ void __launch_bounds__(1024) finalize_stats_kernel(
     const WelfordData<acc_t>* partials,
     int64_t C,
     int64_t splits,
-    const shift_t* shift_src, // channel c's shift is shift_src[c * shift_stride]; null: 0
-    int64_t shift_stride,
     acc_t eps,
     bool output_var, // write the biased variance instead of invstd
     acc_t* out_mean,
@@ -463,12 +468,11 @@ __global__ void __launch_bounds__(1024) finalize_stats_kernel(
   }
   __syncthreads();
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    WelfordData<acc_t> w = partials[c * splits];
-    for (int64_t k = 1; k < splits; ++k) {
+    WelfordData<acc_t> w{acc_t(0), acc_t(0), acc_t(0)};
+    for (int64_t k = 0; k < splits; ++k) {
       w = welford_merge(w, partials[c * splits + k]);
     }
-    const acc_t shift = shift_src ? static_cast<acc_t>(shift_src[c * shift_stride]) : acc_t(0);
-    const acc_t mean = w.count > acc_t(0) ? shift + w.mean : acc_t(0);
+    const acc_t mean = w.mean;
     const acc_t var = w.count > acc_t(0) ? w.m2 / w.count : acc_t(0);
     out_mean[c] = mean;
     out_spread[c] = output_var ? var : invstd_from_var(var, eps);
@@ -521,17 +525,12 @@ struct BackwardCoeffLoader {
   const param_t* weight; // may be null
   const acc_t* sum_dy; // kTrain only
   const acc_t* sum_dy_xmu; // kTrain only
-  const acc_t* counts; // kTrain only: counts[0..num_counts) sum to the count
-  int64_t num_counts;
+  const acc_t* count; // kTrain only: one value, on the device
 
   __device__ BackwardCoeffs<acc_t> operator()(int64_t c) const {
     const acc_t w = weight ? static_cast<acc_t>(weight[c]) : acc_t(1);
     if constexpr (kTrain) {
-      acc_t count = acc_t(0);
-      for (int64_t p = 0; p < num_counts; ++p) {
-        count += counts[p];
-      }
-      return backward_train_coeffs(mean[c], invstd[c], w, sum_dy[c], sum_dy_xmu[c], count);
+      return backward_train_coeffs(mean[c], invstd[c], w, sum_dy[c], sum_dy_xmu[c], *count);
     } else {
       return backward_eval_coeffs(mean[c], invstd[c], w);
     }

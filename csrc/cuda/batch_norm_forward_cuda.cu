@@ -60,18 +60,16 @@ void stats_and_finalize(
     const OptTensor& num_batches_tracked,
     std::optional<double> momentum) {
   using acc_t = acc_type<scalar_t>;
-  const StatsReducer<scalar_t> reducer{x.const_data_ptr<scalar_t>(), s.channels_last ? 1 : s.L};
+  const StatsReducer<scalar_t> reducer{x.const_data_ptr<scalar_t>()};
   Tensor partials;
   int64_t splits;
   std::tie(partials, splits) = launch_channel_reduce<StatsReducer<scalar_t>, scalar_t>(
       reducer, s, is_aligned16(x.const_data_ptr()), out_mean.options());
   const int threads = static_cast<int>(std::min<int64_t>(1024, ((s.C + 31) / 32) * 32));
-  finalize_stats_kernel<acc_t, scalar_t, param_t><<<1, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  finalize_stats_kernel<acc_t, param_t><<<1, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const WelfordData<acc_t>*>(partials.const_data_ptr<acc_t>()),
       s.C,
       splits,
-      x.const_data_ptr<scalar_t>(),
-      s.channels_last ? 1 : s.L,
       static_cast<acc_t>(eps),
       output_var,
       out_mean.mutable_data_ptr<acc_t>(),
@@ -142,11 +140,13 @@ std::tuple<Tensor, Tensor> batch_norm_gather_stats_cuda(
   const int64_t C = mean.size(1);
   Tensor out_mean = at::empty({C}, mean.options());
   Tensor out_invstd = at::empty({C}, mean.options());
-  if (C == 0) {
+  if (C == 0 || P == 0) {
+    // NB: no statistics at all, as the CPU reference: mean 0, var 0, running
+    // stats untouched, num_batches_tracked still counts.
     if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
       num_batches_tracked->add_(1);
     }
-    return {out_mean, out_invstd};
+    return {out_mean.zero_(), out_invstd.fill_(1.0 / std::sqrt(eps))};
   }
   // [C, P, 3] Welford partials (count, mean, M2) in mean's dtype.
   const Tensor n = counts.to(mean.scalar_type()).view({P, 1}).expand({P, C});
@@ -155,9 +155,9 @@ std::tuple<Tensor, Tensor> batch_norm_gather_stats_cuda(
     using acc_t = scalar_t;
     const auto launch = [&](auto param_tag) {
       using param_t = decltype(param_tag);
-      finalize_stats_kernel<acc_t, acc_t, param_t><<<1, static_cast<int>(std::min<int64_t>(1024, ((C + 31) / 32) * 32)), 0, c10::cuda::getCurrentCUDAStream()>>>(
+      finalize_stats_kernel<acc_t, param_t><<<1, static_cast<int>(std::min<int64_t>(1024, ((C + 31) / 32) * 32)), 0, c10::cuda::getCurrentCUDAStream()>>>(
           reinterpret_cast<const WelfordData<acc_t>*>(partials.const_data_ptr<acc_t>()),
-          C, P, nullptr, 0, static_cast<acc_t>(eps), /*output_var=*/false,
+          C, P, static_cast<acc_t>(eps), /*output_var=*/false,
           out_mean.mutable_data_ptr<acc_t>(), out_invstd.mutable_data_ptr<acc_t>(),
           opt_mutable_ptr<param_t>(running_mean), opt_mutable_ptr<param_t>(running_var),
           opt_mutable_ptr<int64_t>(num_batches_tracked), momentum.has_value(), momentum.value_or(0.0));

@@ -1,0 +1,142 @@
+"""torch.library.opcheck on every torch.ops.bnorm_ext op listed in the spec."""
+
+import pytest
+import torch
+
+import bnorm_ext  # noqa: F401  (registers the ops)
+from conftest import acc_dtype_for, devices, memory_formats, randn_shifted
+
+OP_NAMES = [
+    "batch_norm_stats",
+    "batch_norm_gather_stats",
+    "batch_norm_elemt",
+    "batch_norm_forward_train",
+    "batch_norm_forward_eval",
+    "batch_norm_backward",
+    "batch_norm_backward_reduce",
+    "batch_norm_backward_elemt",
+]
+
+DTYPE_CASES = [
+    pytest.param(torch.float64, torch.float64, id="float64"),
+    pytest.param(torch.float32, torch.float32, id="float32"),
+    pytest.param(torch.float16, torch.float16, id="float16"),
+    pytest.param(torch.bfloat16, torch.bfloat16, id="bfloat16"),
+    pytest.param(torch.float16, torch.float32, id="float16-params_float32"),
+]
+
+C = 5
+SHAPE = (3, C, 4, 6)
+EPS = 1e-3
+
+
+def _op(name):
+    return getattr(torch.ops.bnorm_ext, name).default
+
+
+def _has_autograd_kernel(op):
+    name = op.name()
+    return any(torch._C._dispatch_has_kernel_for_dispatch_key(name, k)
+               for k in ("Autograd", "AutogradCPU", "AutogradCUDA", "CompositeImplicitAutograd"))
+
+
+def make_args(name, dtype, pdt, memory_format, device, variant):
+    """Fresh, realistic arguments for op `name` (new buffers on every call)."""
+    acc = acc_dtype_for(dtype)
+    x = randn_shifted(SHAPE, dtype, device, memory_format=memory_format)
+    dy = torch.randn(SHAPE, dtype=torch.float64).to(device, dtype).contiguous(memory_format=memory_format)
+    w = (1 + 0.5 * torch.randn(C, dtype=torch.float64)).to(device, pdt)
+    b = torch.randn(C, dtype=torch.float64).to(device, pdt)
+    rm = torch.randn(C, dtype=torch.float64).to(device, pdt)
+    rv = (torch.rand(C, dtype=torch.float64) + 0.5).to(device, pdt)
+    nbt = torch.tensor(4, dtype=torch.long, device=device)
+    xd = x.double()
+    mean = xd.mean(dim=(0, 2, 3)).to(device, acc)
+    invstd = (1 / torch.sqrt(xd.var(dim=(0, 2, 3), unbiased=False) + EPS)).to(device, acc)
+    none_params = variant == "no_affine"
+
+    if name == "batch_norm_stats":
+        return (x,)
+    if name == "batch_norm_gather_stats":
+        P = 3
+        mean_p = (mean.unsqueeze(0) + 0.1 * torch.randn(P, C, dtype=torch.float64).to(device, acc))
+        var_p = (0.5 + torch.rand(P, C, dtype=torch.float64)).to(device, acc)
+        counts = torch.tensor([24.0, 48.0, 12.0], dtype=acc, device=device)
+        rm_a = rm.to(acc)
+        rv_a = rv.to(acc)
+        if variant == "no_running_stats":
+            return (mean_p, var_p, counts, None, None, None, 0.1, EPS)
+        if variant == "momentum_none":
+            return (mean_p, var_p, counts, rm_a, rv_a, nbt, None, EPS)
+        return (mean_p, var_p, counts, rm_a, rv_a, nbt, 0.1, EPS)
+    if name == "batch_norm_elemt":
+        return (x, None if none_params else w, None if none_params else b, mean, invstd)
+    if name == "batch_norm_forward_train":
+        if variant == "no_running_stats":
+            return (x, w, b, None, None, None, 0.1, EPS)
+        if variant == "momentum_none":
+            return (x, w, b, rm, rv, nbt, None, EPS)
+        if none_params:
+            return (x, None, None, rm, rv, nbt, 0.1, EPS)
+        return (x, w, b, rm, rv, nbt, 0.1, EPS)
+    if name == "batch_norm_forward_eval":
+        return (x, None if none_params else w, None if none_params else b, rm, rv, EPS)
+    if name == "batch_norm_backward":
+        if variant == "eval":
+            return (dy, x, None if none_params else w, rm, rv, None, None, False, EPS)
+        return (dy, x, None if none_params else w, None, None, mean, invstd, True, EPS)
+    if name == "batch_norm_backward_reduce":
+        return (dy, x, mean)
+    if name == "batch_norm_backward_elemt":
+        sum_dy = dy.double().sum(dim=(0, 2, 3)).to(acc)
+        sum_dy_xmu = (dy.double() * (xd - mean.double().view(1, C, 1, 1))).sum(dim=(0, 2, 3)).to(acc)
+        counts = torch.tensor([float(x.numel() // C)], dtype=acc, device=device)
+        return (dy, x, mean, invstd, None if none_params else w, sum_dy, sum_dy_xmu, counts)
+    raise AssertionError(name)
+
+
+VARIANTS = {
+    "batch_norm_stats": ["default"],
+    "batch_norm_gather_stats": ["default", "momentum_none", "no_running_stats"],
+    "batch_norm_elemt": ["default", "no_affine"],
+    "batch_norm_forward_train": ["default", "momentum_none", "no_running_stats", "no_affine"],
+    "batch_norm_forward_eval": ["default", "no_affine"],
+    "batch_norm_backward": ["default", "eval", "no_affine"],
+    "batch_norm_backward_reduce": ["default"],
+    "batch_norm_backward_elemt": ["default", "no_affine"],
+}
+VARIANT_DTYPE_IDS = ("float32", "float16-params_float32")  # non-default variants: these dtypes only
+CASES = [
+    pytest.param(dt.values[0], dt.values[1], n, v, id=f"{dt.id}-{n}-{v}")
+    for dt in DTYPE_CASES
+    for n in OP_NAMES
+    for v in VARIANTS[n]
+    if v == "default" or dt.id in VARIANT_DTYPE_IDS
+]
+
+
+def test_all_spec_ops_registered():
+    for name in OP_NAMES:
+        assert hasattr(torch.ops.bnorm_ext, name), name
+        _op(name)
+
+
+def _run_opcheck(op, args):
+    result = torch.library.opcheck(op, args, raise_exception=False)
+    failures = {k: v for k, v in result.items() if v != "SUCCESS"}
+    assert not failures, f"opcheck failures for {op}: {failures}"
+
+
+@pytest.mark.parametrize("memory_format", memory_formats)
+@pytest.mark.parametrize("dtype,pdt,name,variant", CASES)
+@pytest.mark.parametrize("device", devices)
+def test_opcheck(device, dtype, pdt, name, variant, memory_format):
+    op = _op(name)
+    args = make_args(name, dtype, pdt, memory_format, device, variant)
+    _run_opcheck(op, args)
+    if _has_autograd_kernel(op):
+        # the op claims autograd support: also check it with inputs that require grad
+        args = make_args(name, dtype, pdt, memory_format, device, variant)
+        args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                     and a.dim() == 4 else a for a in args)
+        _run_opcheck(op, args)
