@@ -10,6 +10,17 @@
 namespace bnorm_ext {
 namespace cpu {
 
+// Channels of an [N, C, L] input up to this size (summed over the tensors a
+// pass reads) are reduced and then written while still in L2.
+constexpr int64_t kFusedChannelBytes = int64_t(1) << 20;
+// ... when there are enough channels to share out between threads.
+constexpr int64_t kFusedMinChannels = 8;
+
+// Whether a training pass over `tensors` input-sized tensors takes the
+// per-channel fused path (decided by shape only, so results do not depend on
+// the thread count).
+bool use_channel_fused_path(const BatchNormShape& s, int64_t tensors, int64_t element_size);
+
 // A per-channel tensor ([C], any dtype, or None -> fallback) as C doubles.
 std::vector<double> param_values(const OptTensor& p, int64_t C, double fallback);
 

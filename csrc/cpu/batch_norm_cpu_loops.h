@@ -14,10 +14,13 @@
 namespace bnorm_ext {
 namespace cpu {
 
-// Elements one task handles: large enough to amortise scheduling, small enough
-// that a task's rows stay in L2 between the two passes of a two-pass sum.
+// Elements one [N, C, L] task handles: the task's rows stay in L2 between the
+// two passes of a two-pass sum, and enough tasks exist to share out.
 constexpr int64_t kTaskElems = int64_t(1) << 15;
-// Independent accumulators in lane_sum (lets the compiler vectorise a float
+// Elements one [M, C] block handles: blocks are merged channel by channel
+// (C Chan merges each), so they are larger; still L2-sized.
+constexpr int64_t kBlockElems = int64_t(1) << 18;
+// Independent accumulators in LaneSum (lets the compiler vectorise a float
 // reduction without reassociating it).
 constexpr int kLanes = 16;
 
@@ -25,36 +28,49 @@ inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-// sum_{i < n} f(i) over kLanes accumulators, folded pairwise in fixed order.
-template <typename acc_t, typename F>
-inline acc_t lane_sum(int64_t n, const F& f) {
+// A float sum over kLanes accumulators that can run over several rows; the
+// lanes are folded pairwise, in a fixed order, at the end.
+template <typename acc_t>
+struct LaneSum {
   acc_t lane[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      lane[j] += f(i + j);
-    }
-  }
-  for (int j = 0; i < n; ++i, ++j) {
-    lane[j] += f(i);
-  }
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int j = 0; j < width; ++j) {
-      lane[j] += lane[j + width];
-    }
-  }
-  return lane[0];
-}
 
-// Per-channel reduction of an [N, C, L] view. row_fn(n, c) -> Partial for the
-// plane x[n, c, :]; rows of a channel are merged in increasing n.
-template <typename Partial, typename RowFn, typename MergeFn>
-std::vector<Partial> reduce_rows_nchw(
+  // Adds f(i) for i < n.
+  template <typename F>
+  void add(int64_t n, const F& f) {
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        lane[j] += f(i + j);
+      }
+    }
+    for (int j = 0; i < n; ++i, ++j) {
+      lane[j] += f(i);
+    }
+  }
+
+  acc_t total() const {
+    acc_t folded[kLanes];
+    for (int j = 0; j < kLanes; ++j) {
+      folded[j] = lane[j];
+    }
+    for (int width = kLanes / 2; width > 0; width /= 2) {
+      for (int j = 0; j < width; ++j) {
+        folded[j] += folded[j + width];
+      }
+    }
+    return folded[0];
+  }
+};
+
+// Per-channel reduction of an [N, C, L] view. chunk_fn(n0, n1, c) -> Partial
+// for the planes x[n0:n1, c, :]; a channel's chunks are merged in increasing n.
+template <typename Partial, typename ChunkFn, typename MergeFn>
+std::vector<Partial> reduce_chunks_nchw(
     int64_t N,
     int64_t C,
     int64_t L,
     Partial zero,
-    const RowFn& row_fn,
+    const ChunkFn& chunk_fn,
     const MergeFn& merge) {
   const int64_t rows_per_task = std::max<int64_t>(1, kTaskElems / std::max<int64_t>(L, 1));
   const int64_t tasks_per_channel = ceil_div(N, rows_per_task);
@@ -63,12 +79,7 @@ std::vector<Partial> reduce_rows_nchw(
     for (int64_t t = begin; t < end; ++t) {
       const int64_t c = t / tasks_per_channel;
       const int64_t n0 = (t % tasks_per_channel) * rows_per_task;
-      const int64_t n1 = std::min(N, n0 + rows_per_task);
-      Partial acc = row_fn(n0, c);
-      for (int64_t n = n0 + 1; n < n1; ++n) {
-        acc = merge(acc, row_fn(n, c));
-      }
-      partial[t] = acc;
+      partial[t] = chunk_fn(n0, std::min(N, n0 + rows_per_task), c);
     }
   });
   std::vector<Partial> result(C, zero);
@@ -90,7 +101,7 @@ std::vector<Partial> reduce_blocks_cl(
     Partial zero,
     const BlockFn& block_fn,
     const MergeFn& merge) {
-  const int64_t rows_per_block = std::max<int64_t>(1, kTaskElems / std::max<int64_t>(C, 1));
+  const int64_t rows_per_block = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(C, 1));
   const int64_t blocks = ceil_div(M, rows_per_block);
   std::vector<Partial> partial(blocks * C, zero);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {

@@ -1,5 +1,5 @@
 // CPU reference kernels of the forward ops: statistics, running-stat update,
-// normalization. Readable first; vectorised through lane_sum and plain
+// normalization. Readable first; vectorised through LaneSum and plain
 // channel-innermost loops the compiler can vectorise.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -16,9 +16,52 @@ namespace {
 
 using Stats = WelfordData<double>;
 
+// (count, mean - shift, M2) of the planes x[n0:n1, c, :] of an [N, C, L] input,
+// two-pass over the chunk (L2-sized) in acc_t.
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+Stats nchw_chunk_stats(const scalar_t* data, int64_t C, int64_t L, acc_t shift, int64_t c, int64_t n0, int64_t n1) {
+  LaneSum<acc_t> sum;
+  for (int64_t n = n0; n < n1; ++n) {
+    const scalar_t* row = data + (n * C + c) * L;
+    sum.add(L, [&](int64_t i) { return static_cast<acc_t>(row[i]) - shift; });
+  }
+  const acc_t mean = sum.total() / static_cast<acc_t>((n1 - n0) * L);
+  LaneSum<acc_t> m2;
+  for (int64_t n = n0; n < n1; ++n) {
+    const scalar_t* row = data + (n * C + c) * L;
+    m2.add(L, [&](int64_t i) {
+      const acc_t d = (static_cast<acc_t>(row[i]) - shift) - mean;
+      return d * d;
+    });
+  }
+  return welford_from_sums<double>((n1 - n0) * L, sum.total(), m2.total());
+}
+
+// Normalizes the planes x[n0:n1, c, :] of an [N, C, L] input into y.
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+void normalize_nchw_planes(
+    const scalar_t* in, scalar_t* out, int64_t C, int64_t L, int64_t c, int64_t n0, int64_t n1,
+    const NormalizeCoeffs<acc_t> k) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const scalar_t* src = in + (n * C + c) * L;
+    scalar_t* dst = out + (n * C + c) * L;
+    for (int64_t i = 0; i < L; ++i) {
+      dst[i] = static_cast<scalar_t>(normalize_apply(k, static_cast<acc_t>(src[i])));
+    }
+  }
+}
+
+// Coefficients in acc_t from double statistics, the mean split hi + lo.
+template <typename acc_t>
+NormalizeCoeffs<acc_t> coeffs_from_double(double mean, double invstd, double weight, double bias) {
+  const acc_t mean_hi = static_cast<acc_t>(mean);
+  const acc_t mean_lo = static_cast<acc_t>(mean - static_cast<double>(mean_hi));
+  return normalize_coeffs<acc_t>(mean_hi, invstd, weight, bias, mean_lo);
+}
+
 // Per-channel (count, mean, M2) of a dense input, mean absolute (shift added
-// back). NB: each row/block is summed two-pass in acc_t on values shifted by
-// the channel's first element, and rows are merged in double (Chan).
+// back). NB: each task's chunk (L2-sized) is summed two-pass in acc_t on values
+// shifted by the channel's first element; chunks are merged in double (Chan).
 template <typename scalar_t>
 std::vector<Stats> channel_stats(const Tensor& x, const BatchNormShape& s) {
   using acc_t = acc_type<scalar_t>;
@@ -37,18 +80,8 @@ std::vector<Stats> channel_stats(const Tensor& x, const BatchNormShape& s) {
   std::vector<Stats> stats;
   if (!s.channels_last) {
     const int64_t L = s.L;
-    stats = reduce_rows_nchw<Stats>(s.N, C, L, zero, [&](int64_t n, int64_t c) {
-      const scalar_t* row = data + (n * C + c) * L;
-      const acc_t k = shift[c];
-      const acc_t sum = lane_sum<acc_t>(L, [&](int64_t i) {
-        return static_cast<acc_t>(row[i]) - k;
-      });
-      const acc_t mean = sum / static_cast<acc_t>(L);
-      const acc_t m2 = lane_sum<acc_t>(L, [&](int64_t i) {
-        const acc_t d = (static_cast<acc_t>(row[i]) - k) - mean;
-        return d * d;
-      });
-      return welford_from_sums<double>(L, sum, m2);
+    stats = reduce_chunks_nchw<Stats>(s.N, C, L, zero, [&](int64_t n0, int64_t n1, int64_t c) {
+      return nchw_chunk_stats(data, C, L, shift[c], c, n0, n1);
     }, merge);
   } else {
     stats = reduce_blocks_cl<Stats>(s.reduce_size(), C, zero, [&](int64_t r0, int64_t r1, Stats* out) {
@@ -103,12 +136,7 @@ void normalize(
   if (!s.channels_last) {
     const int64_t L = s.L;
     parallel_rows(s.N * C, L, [&](int64_t r) {
-      const NormalizeCoeffs<acc_t> k = coeffs[r % C];
-      const scalar_t* src = in + r * L;
-      scalar_t* dst = out + r * L;
-      for (int64_t i = 0; i < L; ++i) {
-        dst[i] = static_cast<scalar_t>(normalize_apply(k, static_cast<acc_t>(src[i])));
-      }
+      normalize_nchw_planes(in, out, C, L, r % C, r / C, r / C + 1, coeffs[r % C]);
     });
   } else {
     // Structure-of-arrays so the channel loop vectorises.
@@ -130,7 +158,40 @@ void normalize(
   }
 }
 
+// Training forward of an [N, C, L] input whose channels each fit in L2: each
+// channel is normalized right after its statistics, while still cached, so x
+// is read from memory once instead of twice. Returns the absolute statistics.
+template <typename scalar_t>
+std::vector<Stats> train_forward_channel_fused(
+    const Tensor& x,
+    Tensor& y,
+    const BatchNormShape& s,
+    const std::vector<double>& weight,
+    const std::vector<double>& bias,
+    double eps) {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* in = x.const_data_ptr<scalar_t>();
+  scalar_t* out = y.mutable_data_ptr<scalar_t>();
+  std::vector<Stats> stats(s.C);
+  at::parallel_for(0, s.C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const acc_t shift = static_cast<acc_t>(in[c * s.L]);
+      Stats st = nchw_chunk_stats(in, s.C, s.L, shift, c, 0, s.N);
+      st.mean += static_cast<double>(shift);
+      const double invstd = invstd_from_var(st.m2 / st.count, eps);
+      normalize_nchw_planes(in, out, s.C, s.L, c, 0, s.N, coeffs_from_double<acc_t>(st.mean, invstd, weight[c], bias[c]));
+      stats[c] = st;
+    }
+  });
+  return stats;
+}
+
 } // namespace
+
+bool use_channel_fused_path(const BatchNormShape& s, int64_t tensors, int64_t element_size) {
+  return !s.channels_last && s.C >= kFusedMinChannels && s.reduce_size() > 0 &&
+      s.reduce_size() * tensors * element_size <= kFusedChannelBytes;
+}
 
 std::vector<double> param_values(const OptTensor& p, int64_t C, double fallback) {
   std::vector<double> v(C, fallback);
@@ -164,9 +225,7 @@ Tensor normalize_cpu(
     using acc_t = acc_type<scalar_t>;
     std::vector<NormalizeCoeffs<acc_t>> coeffs(s.C);
     for (int64_t c = 0; c < s.C; ++c) {
-      const acc_t mean_hi = static_cast<acc_t>(mean[c]);
-      const acc_t mean_lo = static_cast<acc_t>(mean[c] - static_cast<double>(mean_hi));
-      coeffs[c] = normalize_coeffs<acc_t>(mean_hi, invstd[c], w[c], b[c], mean_lo);
+      coeffs[c] = coeffs_from_double<acc_t>(mean[c], invstd[c], w[c], b[c]);
     }
     normalize<scalar_t>(x, out, s, coeffs);
   });
@@ -208,6 +267,17 @@ std::vector<Stats> stats_cpu(const Tensor& input, const BatchNormShape& s) {
 
 namespace {
 
+// save_mean and save_invstd ([C], acc dtype) from absolute statistics.
+std::tuple<Tensor, Tensor> saved_stats(const std::vector<Stats>& stats, double eps, const Tensor& input) {
+  std::vector<double> mean(stats.size()), invstd(stats.size());
+  for (size_t c = 0; c < stats.size(); ++c) {
+    mean[c] = stats[c].mean;
+    invstd[c] = invstd_from_var(stats[c].count > 0.0 ? stats[c].m2 / stats[c].count : 0.0, eps);
+  }
+  const auto acc = acc_scalar_type(input.scalar_type());
+  return {channel_tensor(mean, input, acc), channel_tensor(invstd, input, acc)};
+}
+
 std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
   const char* op = "bnorm_ext::batch_norm_stats";
   const BatchNormShape s = check_input(op, input);
@@ -248,14 +318,7 @@ std::tuple<Tensor, Tensor> batch_norm_gather_stats_cpu(
     }
   }
   update_running_stats_cpu(running_mean, running_var, num_batches_tracked, momentum, stats);
-  std::vector<double> global_mean(C), invstd(C);
-  for (int64_t c = 0; c < C; ++c) {
-    const double biased_var = stats[c].count > 0.0 ? stats[c].m2 / stats[c].count : 0.0;
-    global_mean[c] = stats[c].mean;
-    invstd[c] = invstd_from_var(biased_var, eps);
-  }
-  return {channel_tensor(global_mean, mean, mean.scalar_type()),
-          channel_tensor(invstd, mean, mean.scalar_type())};
+  return saved_stats(stats, eps, mean);
 }
 
 Tensor batch_norm_elemt_cpu(
@@ -283,20 +346,28 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_train_cpu(
     double eps) {
   const char* op = "bnorm_ext::batch_norm_forward_train";
   const BatchNormShape s = check_train_args(op, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps);
+  if (use_channel_fused_path(s, 1, input.element_size())) {
+    const Tensor x = dense_input(input);
+    Tensor out = at::empty_like(input, output_memory_format(input));
+    std::vector<Stats> stats;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_forward_train_cpu", [&] {
+      stats = train_forward_channel_fused<scalar_t>(x, out, s, param_values(weight, s.C, 1.0), param_values(bias, s.C, 0.0), eps);
+    });
+    update_running_stats_cpu(running_mean, running_var, num_batches_tracked, momentum, stats);
+    auto [save_mean, save_invstd] = saved_stats(stats, eps, input);
+    return {out, save_mean, save_invstd};
+  }
   const std::vector<Stats> stats = stats_cpu(input, s);
   update_running_stats_cpu(running_mean, running_var, num_batches_tracked, momentum, stats);
-  const auto acc = acc_scalar_type(input.scalar_type());
   std::vector<double> mean(s.C), invstd(s.C);
   for (int64_t c = 0; c < s.C; ++c) {
-    const double biased_var = stats[c].count > 0.0 ? stats[c].m2 / stats[c].count : 0.0;
-    mean[c] = static_cast<double>(stats[c].mean);
-    invstd[c] = invstd_from_var(biased_var, eps);
+    mean[c] = stats[c].mean;
+    invstd[c] = invstd_from_var(stats[c].count > 0.0 ? stats[c].m2 / stats[c].count : 0.0, eps);
   }
   // NB: normalized with the double statistics (the mean as hi + lo in acc_t),
   // more accurate than the acc-rounded save_mean when |mean| >> std.
-  const Tensor save_mean = channel_tensor(mean, input, acc);
-  const Tensor save_invstd = channel_tensor(invstd, input, acc);
   Tensor out = normalize_cpu(input, weight, bias, mean, invstd);
+  auto [save_mean, save_invstd] = saved_stats(stats, eps, input);
   return {out, save_mean, save_invstd};
 }
 
