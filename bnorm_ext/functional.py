@@ -116,6 +116,13 @@ def _batch_norm(
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if not training and (running_mean is None or running_var is None):
         raise RuntimeError("bnorm_ext.batch_norm: running_mean and running_var must be given when training=False")
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (input, weight, bias)):
+        # No graph to record: the op alone, without autograd.Function's overhead.
+        if training:
+            return torch.ops.bnorm_ext.batch_norm_forward_train(
+                input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
+            )[0]
+        return torch.ops.bnorm_ext.batch_norm_forward_eval(input, weight, bias, running_mean, running_var, eps)
     return BatchNormFunction.apply(
         input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps
     )

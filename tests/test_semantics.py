@@ -690,3 +690,29 @@ def test_op_gather_and_backward_elemt_decomposition(device, dtype, memory_format
     g1 = ops.batch_norm_backward_elemt(dy, x, mean, invstd, None, sum_dy, sum_dy_xmu, counts)
     g2 = ops.batch_norm_backward_elemt(dy, x, mean, invstd, torch.ones_like(w), sum_dy, sum_dy_xmu, counts)
     torch.testing.assert_close(g1, g2, **tol)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_no_grad_fast_path_matches_autograd_path(training):
+    # Without a graph to record, batch_norm calls the ops directly; the result,
+    # running stats and num_batches_tracked must be bitwise those of the
+    # autograd.Function path.
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5, 7, dtype=torch.float64) * 3 + 5
+    a, b = bnorm_ext.BatchNorm2d(6, momentum=None).double(), bnorm_ext.BatchNorm2d(6, momentum=None).double()
+    with torch.no_grad():
+        for m in (a, b):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-1, 1)
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    b.load_state_dict(a.state_dict())
+    a.train(training)
+    b.train(training)
+    with torch.no_grad():
+        y_fast = a(x)
+    y_graph = b(x.clone().requires_grad_())
+    assert y_graph.requires_grad
+    assert torch.equal(y_fast, y_graph.detach())
+    for name, buf in a.named_buffers():
+        assert torch.equal(buf, dict(b.named_buffers())[name]), name

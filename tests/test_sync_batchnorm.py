@@ -64,6 +64,7 @@ def _launch(suite, world_size, workdir, backend="gloo", deadline_s=LAUNCH_DEADLI
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("MKL_NUM_THREADS", "1")
+    env.setdefault("PYTHONFAULTHANDLER", "1")  # a crashing worker leaves its stack in its log
     if os.path.exists("/sys/class/net/lo"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # peer links on the loopback only
     procs, logs, outs = [], [], []
@@ -627,6 +628,11 @@ def _worker_main(argv):
         json.dump(results, f)
     os.replace(out + ".tmp", out)
     dist.destroy_process_group()
+    # NB: skip interpreter teardown: a gloo thread still joinable there aborts
+    # the process now and then ("terminate called without an active
+    # exception", exit -6) after the results are written.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 # ===========================================================================
