@@ -235,4 +235,98 @@ void check_gather_args(
   check_eps(op, eps, /*training=*/true);
 }
 
+
+BatchNormShape check_elemt_args(
+    const char* op,
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& bias,
+    const Tensor& mean,
+    const Tensor& invstd) {
+  const BatchNormShape s = check_input(op, input);
+  check_params(op, input, s.C, {{"weight", &weight}, {"bias", &bias}});
+  check_channel_stat(op, "mean", input, mean, s.C);
+  check_channel_stat(op, "invstd", input, invstd, s.C);
+  return s;
+}
+
+BatchNormShape check_eval_args(
+    const char* op,
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& bias,
+    const Tensor& running_mean,
+    const Tensor& running_var,
+    double eps) {
+  const BatchNormShape s = check_input(op, input);
+  const OptTensor rm = running_mean, rv = running_var;
+  check_params(op, input, s.C, {{"weight", &weight}, {"bias", &bias}, {"running_mean", &rm}, {"running_var", &rv}});
+  check_eps(op, eps, /*training=*/false);
+  return s;
+}
+
+BatchNormShape check_backward_reduce_args(
+    const char* op,
+    const Tensor& grad_out,
+    const Tensor& input,
+    const Tensor& mean) {
+  const BatchNormShape s = check_input(op, input);
+  check_grad_out(op, input, grad_out);
+  check_channel_stat(op, "mean", input, mean, s.C);
+  return s;
+}
+
+BatchNormShape check_backward_elemt_args(
+    const char* op,
+    const Tensor& grad_out,
+    const Tensor& input,
+    const Tensor& mean,
+    const Tensor& invstd,
+    const OptTensor& weight,
+    const Tensor& sum_dy,
+    const Tensor& sum_dy_xmu,
+    const Tensor& counts) {
+  const BatchNormShape s = check_input(op, input);
+  check_grad_out(op, input, grad_out);
+  check_params(op, input, s.C, {{"weight", &weight}});
+  check_channel_stat(op, "mean", input, mean, s.C);
+  check_channel_stat(op, "invstd", input, invstd, s.C);
+  check_channel_stat(op, "sum_dy", input, sum_dy, s.C);
+  check_channel_stat(op, "sum_dy_xmu", input, sum_dy_xmu, s.C);
+  TORCH_CHECK(counts.dim() == 1, op, ": expected counts of shape [P], got ", counts.sizes());
+  TORCH_CHECK(
+      counts.device() == input.device(),
+      op, ": expected counts on the input's device ", input.device(), ", got ", counts.device());
+  return s;
+}
+
+BatchNormShape check_backward_args(
+    const char* op,
+    const Tensor& grad_out,
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    const OptTensor& save_mean,
+    const OptTensor& save_invstd,
+    bool training,
+    double eps) {
+  const BatchNormShape s = check_input(op, input);
+  check_grad_out(op, input, grad_out);
+  check_params(op, input, s.C, {{"weight", &weight}, {"running_mean", &running_mean}, {"running_var", &running_var}});
+  if (training) {
+    TORCH_CHECK(
+        save_mean.has_value() && save_invstd.has_value(),
+        op, ": training=True needs save_mean and save_invstd");
+    check_channel_stat(op, "save_mean", input, *save_mean, s.C);
+    check_channel_stat(op, "save_invstd", input, *save_invstd, s.C);
+  } else {
+    TORCH_CHECK(
+        running_mean.has_value() && running_var.has_value(),
+        op, ": training=False needs running_mean and running_var");
+    check_eps(op, eps, /*training=*/false);
+  }
+  return s;
+}
+
 } // namespace bnorm_ext

@@ -97,4 +97,22 @@ void check_gather_args(
     std::optional<double> momentum,
     double eps);
 
+// All checks of each op's arguments, shared by the backends.
+BatchNormShape check_elemt_args(
+    const char* op, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+    const Tensor& mean, const Tensor& invstd);
+BatchNormShape check_eval_args(
+    const char* op, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+    const Tensor& running_mean, const Tensor& running_var, double eps);
+BatchNormShape check_backward_reduce_args(
+    const char* op, const Tensor& grad_out, const Tensor& input, const Tensor& mean);
+BatchNormShape check_backward_elemt_args(
+    const char* op, const Tensor& grad_out, const Tensor& input, const Tensor& mean,
+    const Tensor& invstd, const OptTensor& weight, const Tensor& sum_dy, const Tensor& sum_dy_xmu,
+    const Tensor& counts);
+BatchNormShape check_backward_args(
+    const char* op, const Tensor& grad_out, const Tensor& input, const OptTensor& weight,
+    const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& save_mean,
+    const OptTensor& save_invstd, bool training, double eps);
+
 } // namespace bnorm_ext

@@ -201,9 +201,7 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cpu(
     const Tensor& input,
     const Tensor& mean) {
   const char* op = "bnorm_ext::batch_norm_backward_reduce";
-  const BatchNormShape s = check_input(op, input);
-  check_grad_out(op, input, grad_out);
-  check_channel_stat(op, "mean", input, mean, s.C);
+  const BatchNormShape s = check_backward_reduce_args(op, grad_out, input, mean);
   const std::vector<Sums> sums = grad_sums_any(dense_grad(grad_out, input), dense_input(input), s, param_values(mean, s.C, 0.0));
   std::vector<double> sum_dy(s.C), sum_dy_xmu(s.C);
   for (int64_t c = 0; c < s.C; ++c) {
@@ -224,14 +222,7 @@ Tensor batch_norm_backward_elemt_cpu(
     const Tensor& sum_dy_xmu,
     const Tensor& counts) {
   const char* op = "bnorm_ext::batch_norm_backward_elemt";
-  const BatchNormShape s = check_input(op, input);
-  check_grad_out(op, input, grad_out);
-  check_params(op, input, s.C, {{"weight", &weight}});
-  check_channel_stat(op, "mean", input, mean, s.C);
-  check_channel_stat(op, "invstd", input, invstd, s.C);
-  check_channel_stat(op, "sum_dy", input, sum_dy, s.C);
-  check_channel_stat(op, "sum_dy_xmu", input, sum_dy_xmu, s.C);
-  TORCH_CHECK(counts.dim() == 1, op, ": expected counts of shape [P], got ", counts.sizes());
+  const BatchNormShape s = check_backward_elemt_args(op, grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, counts);
   const double count = counts.to(at::kDouble).sum().item<double>();
   const std::vector<double> m = param_values(mean, s.C, 0.0);
   const std::vector<double> is = param_values(invstd, s.C, 0.0);
@@ -256,23 +247,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     bool training,
     double eps) {
   const char* op = "bnorm_ext::batch_norm_backward";
-  const BatchNormShape s = check_input(op, input);
-  check_grad_out(op, input, grad_out);
-  check_params(op, input, s.C, {{"weight", &weight}, {"running_mean", &running_mean}, {"running_var", &running_var}});
+  const BatchNormShape s = check_backward_args(op, grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
   std::vector<double> mean, invstd;
   if (training) {
-    TORCH_CHECK(
-        save_mean.has_value() && save_invstd.has_value(),
-        op, ": training=True needs save_mean and save_invstd");
-    check_channel_stat(op, "save_mean", input, *save_mean, s.C);
-    check_channel_stat(op, "save_invstd", input, *save_invstd, s.C);
     mean = param_values(save_mean, s.C, 0.0);
     invstd = param_values(save_invstd, s.C, 0.0);
   } else {
-    TORCH_CHECK(
-        running_mean.has_value() && running_var.has_value(),
-        op, ": training=False needs running_mean and running_var");
-    check_eps(op, eps, /*training=*/false);
     mean = param_values(running_mean, s.C, 0.0);
     invstd = param_values(running_var, s.C, 0.0);
     for (double& v : invstd) {

@@ -328,10 +328,7 @@ Tensor batch_norm_elemt_cpu(
     const Tensor& mean,
     const Tensor& invstd) {
   const char* op = "bnorm_ext::batch_norm_elemt";
-  const BatchNormShape s = check_input(op, input);
-  check_params(op, input, s.C, {{"weight", &weight}, {"bias", &bias}});
-  check_channel_stat(op, "mean", input, mean, s.C);
-  check_channel_stat(op, "invstd", input, invstd, s.C);
+  const BatchNormShape s = check_elemt_args(op, input, weight, bias, mean, invstd);
   return normalize_cpu(input, weight, bias, param_values(mean, s.C, 0.0), param_values(invstd, s.C, 0.0));
 }
 
@@ -379,12 +376,9 @@ Tensor batch_norm_forward_eval_cpu(
     const Tensor& running_var,
     double eps) {
   const char* op = "bnorm_ext::batch_norm_forward_eval";
-  const BatchNormShape s = check_input(op, input);
-  const OptTensor rm = running_mean, rv = running_var;
-  check_params(op, input, s.C, {{"weight", &weight}, {"bias", &bias}, {"running_mean", &rm}, {"running_var", &rv}});
-  check_eps(op, eps, /*training=*/false);
-  const std::vector<double> mean = param_values(rm, s.C, 0.0);
-  std::vector<double> invstd = param_values(rv, s.C, 1.0);
+  const BatchNormShape s = check_eval_args(op, input, weight, bias, running_mean, running_var, eps);
+  const std::vector<double> mean = param_values(running_mean, s.C, 0.0);
+  std::vector<double> invstd = param_values(running_var, s.C, 1.0);
   for (double& v : invstd) {
     v = invstd_from_var(v, eps);
   }

@@ -63,9 +63,7 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cuda(
     const Tensor& input,
     const Tensor& mean) {
   const char* op = "bnorm_ext::batch_norm_backward_reduce";
-  const BatchNormShape s = check_input(op, input);
-  check_grad_out(op, input, grad_out);
-  check_channel_stat(op, "mean", input, mean, s.C);
+  const BatchNormShape s = check_backward_reduce_args(op, grad_out, input, mean);
   c10::cuda::CUDAGuard guard(input.device());
   const auto acc_options = input.options().dtype(acc_scalar_type(input.scalar_type()));
   Tensor sum_dy = at::zeros({s.C}, acc_options);
@@ -94,15 +92,7 @@ Tensor batch_norm_backward_elemt_cuda(
     const Tensor& sum_dy_xmu,
     const Tensor& counts) {
   const char* op = "bnorm_ext::batch_norm_backward_elemt";
-  const BatchNormShape s = check_input(op, input);
-  check_grad_out(op, input, grad_out);
-  check_params(op, input, s.C, {{"weight", &weight}});
-  check_channel_stat(op, "mean", input, mean, s.C);
-  check_channel_stat(op, "invstd", input, invstd, s.C);
-  check_channel_stat(op, "sum_dy", input, sum_dy, s.C);
-  check_channel_stat(op, "sum_dy_xmu", input, sum_dy_xmu, s.C);
-  TORCH_CHECK(counts.dim() == 1, op, ": expected counts of shape [P], got ", counts.sizes());
-  TORCH_CHECK(counts.device() == input.device(), op, ": expected counts on ", input.device(), ", got ", counts.device());
+  const BatchNormShape s = check_backward_elemt_args(op, grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, counts);
   c10::cuda::CUDAGuard guard(input.device());
   Tensor dx = at::empty_like(input, output_memory_format(input));
   if (input.numel() == 0) {
@@ -137,21 +127,14 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
     bool training,
     double eps) {
   const char* op = "bnorm_ext::batch_norm_backward";
-  const BatchNormShape s = check_input(op, input);
-  check_grad_out(op, input, grad_out);
-  check_params(op, input, s.C, {{"weight", &weight}, {"running_mean", &running_mean}, {"running_var", &running_var}});
+  const BatchNormShape s = check_backward_args(op, grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
   const auto acc = acc_scalar_type(input.scalar_type());
   Tensor mean, invstd;
   c10::cuda::CUDAGuard guard(input.device());
   if (training) {
-    TORCH_CHECK(save_mean.has_value() && save_invstd.has_value(), op, ": training=True needs save_mean and save_invstd");
-    check_channel_stat(op, "save_mean", input, *save_mean, s.C);
-    check_channel_stat(op, "save_invstd", input, *save_invstd, s.C);
     mean = save_mean->contiguous();
     invstd = save_invstd->contiguous();
   } else {
-    TORCH_CHECK(running_mean.has_value() && running_var.has_value(), op, ": training=False needs running_mean and running_var");
-    check_eps(op, eps, /*training=*/false);
     // NB: C-sized, in-stream; eval backward is off the hot path.
     mean = running_mean->to(acc).contiguous();
     invstd = (running_var->to(acc) + eps).sqrt().reciprocal(); // as invstd_from_var

@@ -182,10 +182,7 @@ Tensor batch_norm_elemt_cuda(
     const Tensor& mean,
     const Tensor& invstd) {
   const char* op = "bnorm_ext::batch_norm_elemt";
-  const BatchNormShape s = check_input(op, input);
-  check_params(op, input, s.C, {{"weight", &weight}, {"bias", &bias}});
-  check_channel_stat(op, "mean", input, mean, s.C);
-  check_channel_stat(op, "invstd", input, invstd, s.C);
+  const BatchNormShape s = check_elemt_args(op, input, weight, bias, mean, invstd);
   c10::cuda::CUDAGuard guard(input.device());
   Tensor out = at::empty_like(input, output_memory_format(input));
   if (input.numel() == 0) {
@@ -245,10 +242,7 @@ Tensor batch_norm_forward_eval_cuda(
     const Tensor& running_var,
     double eps) {
   const char* op = "bnorm_ext::batch_norm_forward_eval";
-  const BatchNormShape s = check_input(op, input);
-  const OptTensor rm = running_mean, rv = running_var;
-  check_params(op, input, s.C, {{"weight", &weight}, {"bias", &bias}, {"running_mean", &rm}, {"running_var", &rv}});
-  check_eps(op, eps, /*training=*/false);
+  const BatchNormShape s = check_eval_args(op, input, weight, bias, running_mean, running_var, eps);
   c10::cuda::CUDAGuard guard(input.device());
   Tensor out = at::empty_like(input, output_memory_format(input));
   if (input.numel() == 0) {
