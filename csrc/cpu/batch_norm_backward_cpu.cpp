@@ -29,10 +29,9 @@ Sums nchw_chunk_grad_sums(
     const int64_t offset = (n * C + c) * L;
     const scalar_t* g_row = g + offset;
     const scalar_t* x_row = in + offset;
-    sum_dy.add(L, [&](int64_t i) { return static_cast<acc_t>(g_row[i]); });
-    sum_dy_xmu.add(L, [&](int64_t i) {
-      return static_cast<acc_t>(g_row[i]) * (static_cast<acc_t>(x_row[i]) - mean);
-    });
+    sum_dy.add_pair(
+        sum_dy_xmu, L, [&](int64_t i) { return static_cast<acc_t>(g_row[i]); },
+        [&](int64_t i) { return static_cast<acc_t>(g_row[i]) * (static_cast<acc_t>(x_row[i]) - mean); });
   }
   return Sums{sum_dy.total(), sum_dy_xmu.total()};
 }

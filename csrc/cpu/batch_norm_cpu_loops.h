@@ -48,6 +48,22 @@ struct LaneSum {
     }
   }
 
+  // Adds f(i) here and g(i) to `other` for i < n, in one pass over i.
+  template <typename F, typename G>
+  void add_pair(LaneSum& other, int64_t n, const F& f, const G& g) {
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        lane[j] += f(i + j);
+        other.lane[j] += g(i + j);
+      }
+    }
+    for (int j = 0; i < n; ++i, ++j) {
+      lane[j] += f(i);
+      other.lane[j] += g(i);
+    }
+  }
+
   acc_t total() const {
     acc_t folded[kLanes];
     for (int j = 0; j < kLanes; ++j) {
@@ -61,6 +77,27 @@ struct LaneSum {
     return folded[0];
   }
 };
+
+// Rows per group in for_row_groups.
+constexpr int kRowGroup = 4;
+
+// For rows [r0, r1) of an [M, C] view in groups of up to kRowGroup rows:
+// f(c, r, n) for each channel c of the group's rows r..r+n. Lets per-channel
+// state (an accumulator, coefficients) be touched once per group, not per row.
+template <typename F>
+inline void for_row_groups(int64_t C, int64_t r0, int64_t r1, const F& f) {
+  int64_t r = r0;
+  for (; r + kRowGroup <= r1; r += kRowGroup) {
+    for (int64_t c = 0; c < C; ++c) {
+      f(c, r, kRowGroup);
+    }
+  }
+  for (; r < r1; ++r) {
+    for (int64_t c = 0; c < C; ++c) {
+      f(c, r, 1);
+    }
+  }
+}
 
 // Per-channel reduction of an [N, C, L] view. chunk_fn(n0, n1, c) -> Partial
 // for the planes x[n0:n1, c, :]; a channel's chunks are merged in increasing n.

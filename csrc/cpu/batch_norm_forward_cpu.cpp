@@ -86,23 +86,26 @@ std::vector<Stats> channel_stats(const Tensor& x, const BatchNormShape& s) {
   } else {
     stats = reduce_blocks_cl<Stats>(s.reduce_size(), C, zero, [&](int64_t r0, int64_t r1, Stats* out) {
       std::vector<acc_t> sum(C, acc_t(0)), mean(C), m2(C, acc_t(0));
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* row = data + r * C;
-        for (int64_t c = 0; c < C; ++c) {
-          sum[c] += static_cast<acc_t>(row[c]) - shift[c];
+      const acc_t* k = shift.data();
+      for_row_groups(C, r0, r1, [&](int64_t c, int64_t r, int n) {
+        acc_t s = acc_t(0);
+        for (int i = 0; i < n; ++i) {
+          s += static_cast<acc_t>(data[(r + i) * C + c]) - k[c];
         }
-      }
+        sum[c] += s;
+      });
       const acc_t rows = static_cast<acc_t>(r1 - r0);
       for (int64_t c = 0; c < C; ++c) {
         mean[c] = sum[c] / rows;
       }
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* row = data + r * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t d = (static_cast<acc_t>(row[c]) - shift[c]) - mean[c];
-          m2[c] += d * d;
+      for_row_groups(C, r0, r1, [&](int64_t c, int64_t r, int n) {
+        acc_t s = acc_t(0);
+        for (int i = 0; i < n; ++i) {
+          const acc_t d = (static_cast<acc_t>(data[(r + i) * C + c]) - k[c]) - mean[c];
+          s += d * d;
         }
-      }
+        m2[c] += s;
+      });
       for (int64_t c = 0; c < C; ++c) {
         out[c] = welford_from_sums<double>(r1 - r0, sum[c], m2[c]);
       }
