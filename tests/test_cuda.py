@@ -179,8 +179,10 @@ def test_cuda_c64_large_nhw(memory_format):
 @pytest.mark.parametrize("memory_format", memory_formats)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 def test_cuda_small_vs_big_agree(dtype, memory_format):
-    """~1M and ~30M elements (both sides of the single-read / two-pass switch) with identical
-    per-channel statistics (the big input is the small one tiled along N)."""
+    """~1M and ~30M elements with identical per-channel statistics (the big input is the
+    small one tiled along N): different split counts must give the same numbers. These are
+    the sizes on each side of the planned single-read / two-pass switch (not built yet:
+    today both run the two-pass kernels)."""
     C = 64
     small = randn_shifted((32, C, 22, 22), dtype, DEV, memory_format=memory_format)  # ~1.0M
     big = small.repeat(30, 1, 1, 1).contiguous(memory_format=memory_format)  # ~29.7M
