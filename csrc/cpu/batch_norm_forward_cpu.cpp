@@ -88,23 +88,23 @@ std::vector<Stats> channel_stats(const Tensor& x, const BatchNormShape& s) {
       std::vector<acc_t> sum(C, acc_t(0)), mean(C), m2(C, acc_t(0));
       const acc_t* k = shift.data();
       for_row_groups(C, r0, r1, [&](int64_t c, int64_t r, int n) {
-        acc_t s = acc_t(0);
+        acc_t part = acc_t(0);
         for (int i = 0; i < n; ++i) {
-          s += static_cast<acc_t>(data[(r + i) * C + c]) - k[c];
+          part += static_cast<acc_t>(data[(r + i) * C + c]) - k[c];
         }
-        sum[c] += s;
+        sum[c] += part;
       });
       const acc_t rows = static_cast<acc_t>(r1 - r0);
       for (int64_t c = 0; c < C; ++c) {
         mean[c] = sum[c] / rows;
       }
       for_row_groups(C, r0, r1, [&](int64_t c, int64_t r, int n) {
-        acc_t s = acc_t(0);
+        acc_t part = acc_t(0);
         for (int i = 0; i < n; ++i) {
           const acc_t d = (static_cast<acc_t>(data[(r + i) * C + c]) - k[c]) - mean[c];
-          s += d * d;
+          part += d * d;
         }
-        m2[c] += s;
+        m2[c] += part;
       });
       for (int64_t c = 0; c < C; ++c) {
         out[c] = welford_from_sums<double>(r1 - r0, sum[c], m2[c]);
