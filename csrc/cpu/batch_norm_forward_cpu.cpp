@@ -5,6 +5,9 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "../batch_norm_checks.h"
 #include "../batch_norm_math.h"
 #include "batch_norm_cpu.h"
@@ -12,184 +15,37 @@
 
 namespace bnorm_ext {
 namespace cpu {
-namespace {
 
 using Stats = WelfordData<double>;
 
-// (count, mean - shift, M2) of the planes x[n0:n1, c, :] of an [N, C, L] input,
-// two-pass over the chunk (L2-sized) in acc_t.
-template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-Stats nchw_chunk_stats(const scalar_t* data, int64_t C, int64_t L, acc_t shift, int64_t c, int64_t n0, int64_t n1) {
-  LaneSum<acc_t> sum;
-  for (int64_t n = n0; n < n1; ++n) {
-    const scalar_t* row = data + (n * C + c) * L;
-    sum.add(L, [&](int64_t i) { return static_cast<acc_t>(row[i]) - shift; });
-  }
-  const acc_t mean = sum.total() / static_cast<acc_t>((n1 - n0) * L);
-  LaneSum<acc_t> m2;
-  for (int64_t n = n0; n < n1; ++n) {
-    const scalar_t* row = data + (n * C + c) * L;
-    m2.add(L, [&](int64_t i) {
-      const acc_t d = (static_cast<acc_t>(row[i]) - shift) - mean;
-      return d * d;
-    });
-  }
-  return welford_from_sums<double>((n1 - n0) * L, sum.total(), m2.total());
-}
+namespace isa_default {
+#include "batch_norm_forward_cpu_kernels.inc"
+} // namespace isa_default
 
-// Normalizes the planes x[n0:n1, c, :] of an [N, C, L] input into y.
-template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-void normalize_nchw_planes(
-    const scalar_t* in, scalar_t* out, int64_t C, int64_t L, int64_t c, int64_t n0, int64_t n1,
-    const NormalizeCoeffs<acc_t> k) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const scalar_t* src = in + (n * C + c) * L;
-    scalar_t* dst = out + (n * C + c) * L;
-    for (int64_t i = 0; i < L; ++i) {
-      dst[i] = static_cast<scalar_t>(normalize_apply(k, static_cast<acc_t>(src[i])));
-    }
-  }
-}
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace isa_avx2 {
+#include "batch_norm_forward_cpu_kernels.inc"
+} // namespace isa_avx2
+#pragma GCC pop_options
 
-// Coefficients in acc_t from double statistics, the mean split hi + lo.
-template <typename acc_t>
-NormalizeCoeffs<acc_t> coeffs_from_double(double mean, double invstd, double weight, double bias) {
-  const acc_t mean_hi = static_cast<acc_t>(mean);
-  const acc_t mean_lo = static_cast<acc_t>(mean - static_cast<double>(mean_hi));
-  return normalize_coeffs<acc_t>(mean_hi, invstd, weight, bias, mean_lo);
-}
-
-// Per-channel (count, mean, M2) of a dense input, mean absolute (shift added
-// back). NB: each task's chunk (L2-sized) is summed two-pass in acc_t on values
-// shifted by the channel's first element; chunks are merged in double (Chan).
-template <typename scalar_t>
-std::vector<Stats> channel_stats(const Tensor& x, const BatchNormShape& s) {
-  using acc_t = acc_type<scalar_t>;
-  const scalar_t* data = x.const_data_ptr<scalar_t>();
-  const int64_t C = s.C;
-  std::vector<acc_t> shift(C, acc_t(0));
-  if (s.reduce_size() > 0) {
-    for (int64_t c = 0; c < C; ++c) {
-      shift[c] = static_cast<acc_t>(data[s.channels_last ? c : c * s.L]);
-    }
-  }
-  const Stats zero{0.0, 0.0, 0.0};
-  const auto merge = [](const Stats& a, const Stats& b) {
-    return welford_merge(a, b);
-  };
-  std::vector<Stats> stats;
-  if (!s.channels_last) {
-    const int64_t L = s.L;
-    stats = reduce_chunks_nchw<Stats>(s.N, C, L, zero, [&](int64_t n0, int64_t n1, int64_t c) {
-      return nchw_chunk_stats(data, C, L, shift[c], c, n0, n1);
-    }, merge);
-  } else {
-    stats = reduce_blocks_cl<Stats>(s.reduce_size(), C, zero, [&](int64_t r0, int64_t r1, Stats* out) {
-      std::vector<acc_t> sum(C, acc_t(0)), mean(C), m2(C, acc_t(0));
-      const acc_t* k = shift.data();
-      for_row_groups(C, r0, r1, [&](int64_t c, int64_t r, int n) {
-        acc_t part = acc_t(0);
-        for (int i = 0; i < n; ++i) {
-          part += static_cast<acc_t>(data[(r + i) * C + c]) - k[c];
-        }
-        sum[c] += part;
-      });
-      const acc_t rows = static_cast<acc_t>(r1 - r0);
-      for (int64_t c = 0; c < C; ++c) {
-        mean[c] = sum[c] / rows;
-      }
-      for_row_groups(C, r0, r1, [&](int64_t c, int64_t r, int n) {
-        acc_t part = acc_t(0);
-        for (int i = 0; i < n; ++i) {
-          const acc_t d = (static_cast<acc_t>(data[(r + i) * C + c]) - k[c]) - mean[c];
-          part += d * d;
-        }
-        m2[c] += part;
-      });
-      for (int64_t c = 0; c < C; ++c) {
-        out[c] = welford_from_sums<double>(r1 - r0, sum[c], m2[c]);
-      }
-    }, merge);
-  }
-  for (int64_t c = 0; c < C; ++c) {
-    stats[c].mean += static_cast<double>(shift[c]);
-  }
-  return stats;
-}
+namespace {
 
 std::vector<Stats> channel_stats_any(const Tensor& x, const BatchNormShape& s) {
   std::vector<Stats> stats;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_stats_cpu", [&] {
-    stats = channel_stats<scalar_t>(x, s);
-  });
-  return stats;
-}
-
-// y = (x - mean) * (weight * invstd) + bias over a dense input.
-template <typename scalar_t>
-void normalize(
-    const Tensor& x,
-    Tensor& y,
-    const BatchNormShape& s,
-    const std::vector<NormalizeCoeffs<acc_type<scalar_t>>>& coeffs) {
-  using acc_t = acc_type<scalar_t>;
-  const scalar_t* in = x.const_data_ptr<scalar_t>();
-  scalar_t* out = y.mutable_data_ptr<scalar_t>();
-  const int64_t C = s.C;
-  if (!s.channels_last) {
-    const int64_t L = s.L;
-    parallel_rows(s.N * C, L, [&](int64_t r) {
-      normalize_nchw_planes(in, out, C, L, r % C, r / C, r / C + 1, coeffs[r % C]);
-    });
-  } else {
-    // Structure-of-arrays so the channel loop vectorises.
-    std::vector<acc_t> mean(C), mean_lo(C), scale(C), bias(C);
-    for (int64_t c = 0; c < C; ++c) {
-      mean[c] = coeffs[c].mean;
-      mean_lo[c] = coeffs[c].mean_lo;
-      scale[c] = coeffs[c].scale;
-      bias[c] = coeffs[c].bias;
-    }
-    parallel_rows(s.reduce_size(), C, [&](int64_t r) {
-      const scalar_t* src = in + r * C;
-      scalar_t* dst = out + r * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const NormalizeCoeffs<acc_t> k{mean[c], mean_lo[c], scale[c], bias[c]};
-        dst[c] = static_cast<scalar_t>(normalize_apply(k, static_cast<acc_t>(src[c])));
-      }
-    });
-  }
-}
-
-// Training forward of an [N, C, L] input whose channels each fit in L2: each
-// channel is normalized right after its statistics, while still cached, so x
-// is read from memory once instead of twice. Returns the absolute statistics.
-template <typename scalar_t>
-std::vector<Stats> train_forward_channel_fused(
-    const Tensor& x,
-    Tensor& y,
-    const BatchNormShape& s,
-    const std::vector<double>& weight,
-    const std::vector<double>& bias,
-    double eps) {
-  using acc_t = acc_type<scalar_t>;
-  const scalar_t* in = x.const_data_ptr<scalar_t>();
-  scalar_t* out = y.mutable_data_ptr<scalar_t>();
-  std::vector<Stats> stats(s.C);
-  at::parallel_for(0, s.C, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      const acc_t shift = static_cast<acc_t>(in[c * s.L]);
-      Stats st = nchw_chunk_stats(in, s.C, s.L, shift, c, 0, s.N);
-      st.mean += static_cast<double>(shift);
-      const double invstd = invstd_from_var(st.m2 / st.count, eps);
-      normalize_nchw_planes(in, out, s.C, s.L, c, 0, s.N, coeffs_from_double<acc_t>(st.mean, invstd, weight[c], bias[c]));
-      stats[c] = st;
-    }
+    stats = BNORM_EXT_CPU_DISPATCH(channel_stats<scalar_t>(x, s));
   });
   return stats;
 }
 
 } // namespace
+
+bool cpu_use_avx2() {
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* isa = std::getenv("BNORM_EXT_CPU_ISA");
+  return supported && !(isa != nullptr && std::string(isa) == "default");
+}
 
 bool use_channel_fused_path(const BatchNormShape& s, int64_t tensors, int64_t element_size) {
   return !s.channels_last && s.C >= kFusedMinChannels && s.reduce_size() > 0 &&
@@ -228,9 +84,9 @@ Tensor normalize_cpu(
     using acc_t = acc_type<scalar_t>;
     std::vector<NormalizeCoeffs<acc_t>> coeffs(s.C);
     for (int64_t c = 0; c < s.C; ++c) {
-      coeffs[c] = coeffs_from_double<acc_t>(mean[c], invstd[c], w[c], b[c]);
+      coeffs[c] = isa_default::coeffs_from_double<acc_t>(mean[c], invstd[c], w[c], b[c]);
     }
-    normalize<scalar_t>(x, out, s, coeffs);
+    BNORM_EXT_CPU_DISPATCH(normalize<scalar_t>(x, out, s, coeffs));
   });
   return out;
 }
@@ -351,7 +207,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_train_cpu(
     Tensor out = at::empty_like(input, output_memory_format(input));
     std::vector<Stats> stats;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_forward_train_cpu", [&] {
-      stats = train_forward_channel_fused<scalar_t>(x, out, s, param_values(weight, s.C, 1.0), param_values(bias, s.C, 0.0), eps);
+      stats = BNORM_EXT_CPU_DISPATCH(train_forward_channel_fused<scalar_t>(x, out, s, param_values(weight, s.C, 1.0), param_values(bias, s.C, 0.0), eps));
     });
     update_running_stats_cpu(running_mean, running_var, num_batches_tracked, momentum, stats);
     auto [save_mean, save_invstd] = saved_stats(stats, eps, input);
