@@ -22,12 +22,16 @@ namespace isa_default {
 #include "batch_norm_backward_cpu_kernels.inc"
 } // namespace isa_default
 
+#if defined(__x86_64__)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace isa_avx2 {
 #include "batch_norm_backward_cpu_kernels.inc"
 } // namespace isa_avx2
 #pragma GCC pop_options
+#else
+namespace isa_avx2 = isa_default;
+#endif
 
 namespace {
 

@@ -22,12 +22,16 @@ namespace isa_default {
 #include "batch_norm_forward_cpu_kernels.inc"
 } // namespace isa_default
 
+#if defined(__x86_64__)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace isa_avx2 {
 #include "batch_norm_forward_cpu_kernels.inc"
 } // namespace isa_avx2
 #pragma GCC pop_options
+#else
+namespace isa_avx2 = isa_default;
+#endif
 
 namespace {
 
@@ -42,7 +46,11 @@ std::vector<Stats> channel_stats_any(const Tensor& x, const BatchNormShape& s) {
 } // namespace
 
 bool cpu_use_avx2() {
+#if defined(__x86_64__)
   static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  const bool supported = false;
+#endif
   const char* isa = std::getenv("BNORM_EXT_CPU_ISA");
   return supported && !(isa != nullptr && std::string(isa) == "default");
 }
