@@ -34,6 +34,10 @@ bool cpu_use_avx2();
 // A per-channel tensor ([C], any dtype, or None -> fallback) as C doubles.
 std::vector<double> param_values(const OptTensor& p, int64_t C, double fallback);
 
+// Writes C doubles into t (C elements, any floating dtype), in place (a const
+// Tensor& still refers to mutable data).
+void store_values(const Tensor& t, const std::vector<double>& v);
+
 // C doubles as a [C] tensor of `dtype` on input's device.
 Tensor channel_tensor(const std::vector<double>& v, const Tensor& input, at::ScalarType dtype);
 

@@ -48,18 +48,41 @@ bool use_channel_fused_path(const BatchNormShape& s, int64_t tensors, int64_t el
       s.reduce_size() * tensors * element_size <= kFusedChannelBytes;
 }
 
+// NB: per-channel vectors are read and written in place, without temporary
+// tensors: these small copies are a fixed cost of every call.
 std::vector<double> param_values(const OptTensor& p, int64_t C, double fallback) {
   std::vector<double> v(C, fallback);
   if (p.has_value() && p->defined()) {
-    const Tensor d = p->to(at::kDouble).contiguous();
-    const double* data = d.const_data_ptr<double>();
-    std::copy(data, data + C, v.begin());
+    const Tensor t = p->contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "param_values", [&] {
+      const scalar_t* data = t.const_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) {
+        v[c] = static_cast<double>(data[c]);
+      }
+    });
   }
   return v;
 }
 
+void store_values(const Tensor& t, const std::vector<double>& v) {
+  if (!t.is_contiguous()) {
+    Tensor flat = at::empty({t.numel()}, t.options());
+    store_values(flat, v);
+    t.copy_(flat.view(t.sizes()));
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "store_values", [&] {
+    scalar_t* data = t.mutable_data_ptr<scalar_t>();
+    for (size_t c = 0; c < v.size(); ++c) {
+      data[c] = static_cast<scalar_t>(v[c]);
+    }
+  });
+}
+
 Tensor channel_tensor(const std::vector<double>& v, const Tensor& input, at::ScalarType dtype) {
-  return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).to(input.device(), dtype);
+  Tensor t = at::empty({static_cast<int64_t>(v.size())}, input.options().dtype(dtype));
+  store_values(t, v);
+  return t;
 }
 
 Tensor normalize_cpu(
@@ -94,8 +117,9 @@ void update_running_stats_cpu(
     std::optional<double> momentum,
     const std::vector<Stats>& stats) {
   const bool has_nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  int64_t batches = 1;
   if (has_nbt) {
-    num_batches_tracked->add_(1);
+    batches = ++*num_batches_tracked->mutable_data_ptr<int64_t>();
   }
   if (!running_mean.has_value() || !running_mean->defined() || stats.empty() ||
       stats[0].count == 0.0) {
@@ -103,7 +127,7 @@ void update_running_stats_cpu(
   }
   const double factor = running_average_factor(
       momentum.has_value(), momentum.value_or(0.0),
-      has_nbt ? num_batches_tracked->item<int64_t>() : 1);
+      batches);
   const int64_t C = static_cast<int64_t>(stats.size());
   std::vector<double> rm = param_values(running_mean, C, 0.0);
   std::vector<double> rv = param_values(running_var, C, 0.0);
@@ -112,8 +136,8 @@ void update_running_stats_cpu(
     rm[c] = running_update(rm[c], stats[c].mean, factor);
     rv[c] = running_update(rv[c], unbiased_var, factor);
   }
-  running_mean->copy_(at::tensor(rm, at::kDouble).view(running_mean->sizes()));
-  running_var->copy_(at::tensor(rv, at::kDouble).view(running_var->sizes()));
+  store_values(*running_mean, rm);
+  store_values(*running_var, rv);
 }
 
 std::vector<Stats> stats_cpu(const Tensor& input, const BatchNormShape& s) {
