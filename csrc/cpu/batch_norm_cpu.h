@@ -21,15 +21,21 @@ constexpr int64_t kFusedMinChannels = 8;
 // the thread count).
 bool use_channel_fused_path(const BatchNormShape& s, int64_t tensors, int64_t element_size);
 
-// Whether the CPU kernels run their AVX2+FMA build (namespace isa_avx2): the
-// CPU supports it and BNORM_EXT_CPU_ISA is not "default" (read at each call,
-// so tests can run both builds).
-bool cpu_use_avx2();
+// Instruction sets the CPU kernels are built for (batch_norm_cpu_isa_builds.inc).
+enum class CpuIsa { kDefault, kAvx2, kAvx512 };
 
-// Calls the function call given from the kernel build for this CPU's instruction set; both are
-// the same templates (batch_norm_*_cpu_kernels.inc) compiled twice.
-#define BNORM_EXT_CPU_DISPATCH(...) \
-  (::bnorm_ext::cpu::cpu_use_avx2() ? isa_avx2::__VA_ARGS__ : isa_default::__VA_ARGS__)
+// The widest build this CPU supports, capped by BNORM_EXT_CPU_ISA=default|avx2
+// (read at each call, so tests can run every build).
+CpuIsa cpu_isa();
+
+// Makes the function call given with the kernel build that cpu_isa() names;
+// every build is the same templates (batch_norm_*_cpu_kernels.inc).
+#define BNORM_EXT_CPU_DISPATCH(...)                                        \
+  (::bnorm_ext::cpu::cpu_isa() == ::bnorm_ext::cpu::CpuIsa::kAvx512        \
+       ? isa_avx512::__VA_ARGS__                                           \
+       : ::bnorm_ext::cpu::cpu_isa() == ::bnorm_ext::cpu::CpuIsa::kAvx2    \
+           ? isa_avx2::__VA_ARGS__                                         \
+           : isa_default::__VA_ARGS__)
 
 // A per-channel tensor ([C], any dtype, or None -> fallback) as C doubles.
 std::vector<double> param_values(const OptTensor& p, int64_t C, double fallback);

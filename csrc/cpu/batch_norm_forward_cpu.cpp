@@ -33,14 +33,25 @@ std::vector<Stats> channel_stats_any(const Tensor& x, const BatchNormShape& s) {
 
 } // namespace
 
-bool cpu_use_avx2() {
+CpuIsa cpu_isa() {
 #if defined(__x86_64__)
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const CpuIsa supported =
+      (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+       __builtin_cpu_supports("avx512bw"))
+      ? CpuIsa::kAvx512
+      : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? CpuIsa::kAvx2
+                                                                          : CpuIsa::kDefault;
 #else
-  const bool supported = false;
+  const CpuIsa supported = CpuIsa::kDefault;
 #endif
-  const char* isa = std::getenv("BNORM_EXT_CPU_ISA");
-  return supported && !(isa != nullptr && std::string(isa) == "default");
+  const char* cap = std::getenv("BNORM_EXT_CPU_ISA");
+  if (cap != nullptr && std::string(cap) == "default") {
+    return CpuIsa::kDefault;
+  }
+  if (cap != nullptr && std::string(cap) == "avx2" && supported == CpuIsa::kAvx512) {
+    return CpuIsa::kAvx2;
+  }
+  return supported;
 }
 
 bool use_channel_fused_path(const BatchNormShape& s, int64_t tensors, int64_t element_size) {
