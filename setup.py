@@ -6,7 +6,7 @@ Environment switches:
   TORCH_CUDA_ARCH_LIST    architectures to compile for; default when no GPU is
                           visible: "8.0;9.0" (sm_80, sm_90)
   MAX_JOBS                parallel compile jobs (ninja)
-  BNORM_EXT_DEBUG=1       debug build (-O0 -g, device -G, no NDEBUG)
+  BNORM_EXT_DEBUG=1       debug build (-O0 -g, device -O0 -G -g)
 """
 
 import glob
