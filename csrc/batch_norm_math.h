@@ -96,6 +96,12 @@ C10_HOST_DEVICE inline GradSums<acc_t> grad_sums_merge(
   return {a.sum_dy + b.sum_dy, a.sum_dy_xmu + b.sum_dy_xmu};
 }
 
+// Biased variance M2 / count of a Welford state; 0 for an empty one.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t welford_biased_var(const WelfordData<acc_t>& w) {
+  return w.count > acc_t(0) ? w.m2 / w.count : acc_t(0);
+}
+
 // 1 / sqrt(var + eps) in the accumulation type.
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t invstd_from_var(acc_t var, acc_t eps) {

@@ -98,11 +98,11 @@ Tensor channel_tensor(const std::vector<double>& v, const Tensor& input, at::Sca
 
 Tensor normalize_cpu(
     const Tensor& input,
+    const BatchNormShape& s,
     const OptTensor& weight,
     const OptTensor& bias,
     const std::vector<double>& mean,
     const std::vector<double>& invstd) {
-  const BatchNormShape s = check_input("bnorm_ext::normalize_cpu", input);
   Tensor out = at::empty_like(input, output_memory_format(input));
   if (input.numel() == 0) {
     return out;
@@ -157,28 +157,32 @@ std::vector<Stats> stats_cpu(const Tensor& input, const BatchNormShape& s) {
 
 namespace {
 
-// save_mean and save_invstd ([C], acc dtype) from absolute statistics.
-std::tuple<Tensor, Tensor> saved_stats(const std::vector<Stats>& stats, double eps, const Tensor& input) {
-  std::vector<double> mean(stats.size()), invstd(stats.size());
+// Per-channel mean and invstd (or biased var) from absolute statistics.
+struct ChannelMoments {
+  std::vector<double> mean;
+  std::vector<double> spread;
+};
+
+ChannelMoments channel_moments(const std::vector<Stats>& stats, std::optional<double> eps) {
+  ChannelMoments m{std::vector<double>(stats.size()), std::vector<double>(stats.size())};
   for (size_t c = 0; c < stats.size(); ++c) {
-    mean[c] = stats[c].mean;
-    invstd[c] = invstd_from_var(stats[c].count > 0.0 ? stats[c].m2 / stats[c].count : 0.0, eps);
+    m.mean[c] = stats[c].mean;
+    const double var = welford_biased_var(stats[c]);
+    m.spread[c] = eps.has_value() ? invstd_from_var(var, *eps) : var;
   }
+  return m;
+}
+
+// save_mean and save_invstd ([C], acc dtype) from absolute statistics.
+std::tuple<Tensor, Tensor> saved_stats(const ChannelMoments& m, const Tensor& input) {
   const auto acc = acc_scalar_type(input.scalar_type());
-  return {channel_tensor(mean, input, acc), channel_tensor(invstd, input, acc)};
+  return {channel_tensor(m.mean, input, acc), channel_tensor(m.spread, input, acc)};
 }
 
 std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
   const char* op = "bnorm_ext::batch_norm_stats";
   const BatchNormShape s = check_input(op, input);
-  const std::vector<Stats> stats = stats_cpu(input, s);
-  std::vector<double> mean(s.C), var(s.C);
-  for (int64_t c = 0; c < s.C; ++c) {
-    mean[c] = stats[c].mean;
-    var[c] = stats[c].count > 0.0 ? stats[c].m2 / stats[c].count : 0.0;
-  }
-  const auto acc = acc_scalar_type(input.scalar_type());
-  return {channel_tensor(mean, input, acc), channel_tensor(var, input, acc)};
+  return saved_stats(channel_moments(stats_cpu(input, s), /*eps=*/std::nullopt), input);
 }
 
 std::tuple<Tensor, Tensor> batch_norm_gather_stats_cpu(
@@ -208,7 +212,7 @@ std::tuple<Tensor, Tensor> batch_norm_gather_stats_cpu(
     }
   }
   update_running_stats_cpu(running_mean, running_var, num_batches_tracked, momentum, stats);
-  return saved_stats(stats, eps, mean);
+  return saved_stats(channel_moments(stats, eps), mean);
 }
 
 Tensor batch_norm_elemt_cpu(
@@ -219,7 +223,7 @@ Tensor batch_norm_elemt_cpu(
     const Tensor& invstd) {
   const char* op = "bnorm_ext::batch_norm_elemt";
   const BatchNormShape s = check_elemt_args(op, input, weight, bias, mean, invstd);
-  return normalize_cpu(input, weight, bias, param_values(mean, s.C, 0.0), param_values(invstd, s.C, 0.0));
+  return normalize_cpu(input, s, weight, bias, param_values(mean, s.C, 0.0), param_values(invstd, s.C, 0.0));
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_train_cpu(
@@ -241,20 +245,16 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_train_cpu(
       stats = BNORM_EXT_CPU_DISPATCH(train_forward_channel_fused<scalar_t>(x, out, s, param_values(weight, s.C, 1.0), param_values(bias, s.C, 0.0), eps));
     });
     update_running_stats_cpu(running_mean, running_var, num_batches_tracked, momentum, stats);
-    auto [save_mean, save_invstd] = saved_stats(stats, eps, input);
+    auto [save_mean, save_invstd] = saved_stats(channel_moments(stats, eps), input);
     return {out, save_mean, save_invstd};
   }
   const std::vector<Stats> stats = stats_cpu(input, s);
   update_running_stats_cpu(running_mean, running_var, num_batches_tracked, momentum, stats);
-  std::vector<double> mean(s.C), invstd(s.C);
-  for (int64_t c = 0; c < s.C; ++c) {
-    mean[c] = stats[c].mean;
-    invstd[c] = invstd_from_var(stats[c].count > 0.0 ? stats[c].m2 / stats[c].count : 0.0, eps);
-  }
+  const ChannelMoments moments = channel_moments(stats, eps);
   // NB: normalized with the double statistics (the mean as hi + lo in acc_t),
   // more accurate than the acc-rounded save_mean when |mean| >> std.
-  Tensor out = normalize_cpu(input, weight, bias, mean, invstd);
-  auto [save_mean, save_invstd] = saved_stats(stats, eps, input);
+  Tensor out = normalize_cpu(input, s, weight, bias, moments.mean, moments.spread);
+  auto [save_mean, save_invstd] = saved_stats(moments, input);
   return {out, save_mean, save_invstd};
 }
 
@@ -272,7 +272,7 @@ Tensor batch_norm_forward_eval_cpu(
   for (double& v : invstd) {
     v = invstd_from_var(v, eps);
   }
-  return normalize_cpu(input, weight, bias, mean, invstd);
+  return normalize_cpu(input, s, weight, bias, mean, invstd);
 }
 
 } // namespace

@@ -473,7 +473,7 @@ __global__ void __launch_bounds__(1024) finalize_stats_kernel(
       w = welford_merge(w, partials[c * splits + k]);
     }
     const acc_t mean = w.mean;
-    const acc_t var = w.count > acc_t(0) ? w.m2 / w.count : acc_t(0);
+    const acc_t var = welford_biased_var(w);
     out_mean[c] = mean;
     out_spread[c] = output_var ? var : invstd_from_var(var, eps);
     if (running_mean != nullptr && w.count > acc_t(0)) {
