@@ -32,6 +32,9 @@ dy for the reduction, read x and dy again and write dx), 2 (eval: read + write).
 GB/s = floor bytes / ours time; "%floor" = that bandwidth as a percentage of the measured
 copy bandwidth of the device (tensor.copy_ of a large buffer, counted as read + write), i.e.
 how close the kernel gets to the time a copy-speed kernel moving just the floor bytes would take.
+On CUDA, bnorm_ext's single-read kernel moves only 2s (fwd) and 3s (bwd) where the input fits
+in the GPU's shared memory, so those rows can pass 100%; BNORM_EXT_CUDA_SINGLE_READ=0 times the
+two-pass kernels instead.
 """
 
 from __future__ import annotations

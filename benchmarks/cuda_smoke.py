@@ -5,9 +5,13 @@ mismatch.
 
     python benchmarks/cuda_smoke.py            # small sizes (under a sanitizer)
     python benchmarks/cuda_smoke.py --large    # adds sizes that fill the GPU
+
+Every case runs on both training paths: the single-read kernel (where the
+input fits on chip) and the two-pass kernels (BNORM_EXT_CUDA_SINGLE_READ=0).
 """
 
 import argparse
+import os
 import sys
 
 import torch
@@ -35,8 +39,9 @@ def _close(name, got, want, dtype, failures):
         failures.append(f"{name}: relative error {err:.3e} > {TOL[dtype]:.0e}")
 
 
-def run_case(shape, dtype, memory_format, failures):
-    tag = f"{'x'.join(map(str, shape))}-{str(dtype).split('.')[-1]}-{'cl' if memory_format == torch.channels_last else 'nchw'}"
+def run_case(shape, dtype, memory_format, path, failures):
+    tag = (f"{'x'.join(map(str, shape))}-{str(dtype).split('.')[-1]}-"
+           f"{'cl' if memory_format == torch.channels_last else 'nchw'}-{path}")
     C = shape[1]
     x_cpu = (torch.randn(shape, dtype=torch.float64) * 3 + 5).to(dtype)
     if len(shape) == 4:
@@ -122,17 +127,20 @@ def main():
         print("cuda_smoke: no CUDA device", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    shapes = [(2, 3, 5, 7), (3, 5, 7, 9), (4, 64, 8, 8), (2, 1024, 2, 2), (5, 7, 1, 1), (0, 3, 4, 4), (6, 13), (3, 4, 17)]
+    shapes = [(2, 3, 5, 7), (3, 5, 7, 9), (4, 64, 8, 8), (2, 1024, 2, 2), (2, 2048, 3, 3), (5, 7, 1, 1), (0, 3, 4, 4),
+              (6, 13), (3, 4, 17)]
     if args.large:
         shapes += [(32, 64, 56, 56), (64, 256, 28, 28), (8, 3, 223, 221)]
     failures = []
     cases = 0
-    for shape in shapes:
-        formats = [torch.contiguous_format, torch.channels_last] if len(shape) == 4 else [torch.contiguous_format]
-        for dtype in DTYPES:
-            for memory_format in formats:
-                run_case(shape, dtype, memory_format, failures)
-                cases += 1
+    for path in ("single_read", "two_pass"):
+        os.environ["BNORM_EXT_CUDA_SINGLE_READ"] = "1" if path == "single_read" else "0"
+        for shape in shapes:
+            formats = [torch.contiguous_format, torch.channels_last] if len(shape) == 4 else [torch.contiguous_format]
+            for dtype in DTYPES:
+                for memory_format in formats:
+                    run_case(shape, dtype, memory_format, path, failures)
+                    cases += 1
     torch.cuda.synchronize()
     for f in failures:
         print("FAIL", f)

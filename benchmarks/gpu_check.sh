@@ -37,4 +37,7 @@ for tool in memcheck racecheck synccheck initcheck; do
   step "sanitizer_$tool" 240 compute-sanitizer --tool "$tool" --error-exitcode 3 python3 benchmarks/cuda_smoke.py
 done
 step bench_gpu 420 python3 benchmarks/bench.py --device cuda --csv "$out/gpu_bench.csv" --plot "$out/gpu_bench.png"
+# the same training rows with the single-read kernel switched off (two-pass only), for the comparison
+step bench_gpu_two_pass 150 env BNORM_EXT_CUDA_SINGLE_READ=0 python3 benchmarks/bench.py --device cuda --passes fwd,bwd \
+  --no-compile --csv "$out/gpu_bench_two_pass.csv" --plot "$out/gpu_bench_two_pass.png"
 echo "== summary"; cat "$summary"

@@ -26,14 +26,29 @@ CUDA_SHAPES = [
     pytest.param((3, 5, 7, 9), id="odd3x5x7x9"),
     pytest.param((4, 1, 6, 5), id="C1"),
     pytest.param((4, 1024, 2, 2), id="C1024"),
+    pytest.param((2, 2048, 3, 3), id="C2048"),  # more channels than resident blocks
     pytest.param((16, 64, 17, 13), id="16x64x17x13"),
+    pytest.param((64, 32, 28, 28), id="64x32x28x28"),  # several vectors per thread
 ]
+
+# The training kernels: "single_read" (one cooperative launch that keeps the
+# input on chip; used where it fits) or "two_pass" (forced by the environment).
+PATHS = ["single_read", "two_pass"]
+
+
+@pytest.fixture(params=PATHS)
+def cuda_path(request, monkeypatch):
+    if request.param == "two_pass":
+        monkeypatch.setenv("BNORM_EXT_CUDA_SINGLE_READ", "0")
+    else:
+        monkeypatch.delenv("BNORM_EXT_CUDA_SINGLE_READ", raising=False)
+    return request.param
 
 
 @pytest.mark.parametrize("shape", CUDA_SHAPES)
 @pytest.mark.parametrize("memory_format", memory_formats)
 @pytest.mark.parametrize("dtype", dtypes)
-def test_cuda_parity(dtype, memory_format, shape):
+def test_cuda_parity(dtype, memory_format, shape, cuda_path):
     def make_x(dt, dev):
         return randn_shifted(shape, dt, dev, memory_format=memory_format)
 
@@ -42,7 +57,7 @@ def test_cuda_parity(dtype, memory_format, shape):
 
 @pytest.mark.parametrize("memory_format", memory_formats)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-def test_cuda_mixed_dtype_parity(dtype, memory_format):
+def test_cuda_mixed_dtype_parity(dtype, memory_format, cuda_path):
     def make_x(dt, dev):
         return randn_shifted((8, 16, 9, 7), dt, dev, memory_format=memory_format)
 
@@ -52,7 +67,7 @@ def test_cuda_mixed_dtype_parity(dtype, memory_format):
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["mom0.1", "momNone"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
 @pytest.mark.parametrize("track", [True, False], ids=["track", "notrack"])
-def test_cuda_options_parity(track, affine, momentum):
+def test_cuda_options_parity(track, affine, momentum, cuda_path):
     def make_x(dt, dev):
         return randn_shifted((4, 3, 5, 6), dt, dev)
 
@@ -82,7 +97,7 @@ def test_cuda_noncontiguous_parity():
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("memory_format", memory_formats)
-def test_cuda_gradcheck(memory_format, training):
+def test_cuda_gradcheck(memory_format, training, cuda_path):
     C = 3
     x = randn_shifted((2, C, 3, 4), torch.float64, DEV, memory_format=memory_format).requires_grad_()
     w = (1 + 0.5 * torch.randn(C, dtype=torch.float64, device=DEV)).requires_grad_()
@@ -119,7 +134,7 @@ NAMES = ["output", "grad_input", "grad_weight", "grad_bias", "running_mean", "ru
 @pytest.mark.parametrize("memory_format", memory_formats)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["float32", "float16", "bfloat16"])
-def test_cuda_bitwise_determinism(dtype, memory_format):
+def test_cuda_bitwise_determinism(dtype, memory_format, cuda_path):
     shape = (64, 64, 32, 32)
     x = randn_shifted(shape, dtype, DEV, memory_format=memory_format)
     dy = torch.randn(shape, device=DEV).to(dtype).contiguous(memory_format=memory_format)
@@ -145,6 +160,31 @@ def test_cuda_non_default_stream():
     torch.cuda.synchronize()
     for name, a, b in zip(NAMES, expected, got):
         assert torch.equal(a, b), f"{name} differs on a non-default stream"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("memory_format", memory_formats)
+def test_cuda_non_zero_device_index(memory_format, cuda_path):
+    """Tensors on cuda:1 while cuda:0 is current: every kernel must run on cuda:1
+    (device guard) and give the same numbers as on cuda:0."""
+    shape = (16, 32, 12, 12)
+    x = randn_shifted(shape, torch.float32, DEV, memory_format=memory_format)
+    dy = torch.randn(shape, device=DEV).contiguous(memory_format=memory_format)
+    expected = _run_once(x, dy, shape[1], torch.float32)
+    torch.cuda.set_device(0)
+    m = bnorm_ext.BatchNorm2d(shape[1]).to("cuda:1")
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(7)
+        m.weight.copy_(1 + 0.5 * torch.randn(shape[1], generator=g))
+        m.bias.copy_(torch.randn(shape[1], generator=g))
+    x1 = x.to("cuda:1").requires_grad_()
+    out = m(x1)
+    out.backward(dy.to("cuda:1"))
+    got = [out.detach(), x1.grad, m.weight.grad, m.bias.grad, m.running_mean, m.running_var, m.num_batches_tracked]
+    assert torch.cuda.current_device() == 0
+    for name, a, b in zip(NAMES, expected, got):
+        assert b.device == torch.device("cuda:1"), f"{name} on {b.device}"
+        torch.testing.assert_close(b.cpu(), a.cpu(), rtol=1e-5, atol=1e-5, msg=lambda m: f"{name} on cuda:1: {m}")
 
 
 # ---------------------------------------------------------------------------
@@ -180,9 +220,8 @@ def test_cuda_c64_large_nhw(memory_format):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 def test_cuda_small_vs_big_agree(dtype, memory_format):
     """~1M and ~30M elements with identical per-channel statistics (the big input is the
-    small one tiled along N): different split counts must give the same numbers. These are
-    the sizes on each side of the planned single-read / two-pass switch (not built yet:
-    today both run the two-pass kernels)."""
+    small one tiled along N): the small one runs the single-read kernel, the big one the
+    two-pass kernels (test_cuda_path_switch checks which), and they must agree."""
     C = 64
     small = randn_shifted((32, C, 22, 22), dtype, DEV, memory_format=memory_format)  # ~1.0M
     big = small.repeat(30, 1, 1, 1).contiguous(memory_format=memory_format)  # ~29.7M
@@ -251,3 +290,118 @@ def test_cuda_more_than_2_31_elements_fp16():
         gb_r += dy[n].double().sum(dim=(1, 2))
     torch.testing.assert_close(gb.double(), gb_r, rtol=1e-4, atol=1e-2 * cnt ** 0.5)
     assert torch.isfinite(gi[N - 1]).all()
+
+
+# ---------------------------------------------------------------------------
+# single-read vs two-pass
+# ---------------------------------------------------------------------------
+def _kernel_names(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key for e in prof.key_averages()}
+
+
+def _train_step(x, dy, C, param_dtype):
+    m = bnorm_ext.BatchNorm2d(C).to(DEV, param_dtype)
+    xi = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+    m(xi).backward(dy)
+
+
+@pytest.mark.parametrize("memory_format", memory_formats)
+def test_cuda_path_switch(memory_format, monkeypatch):
+    """Inputs that fit on chip run one single-read launch each way; large ones and
+    BNORM_EXT_CUDA_SINGLE_READ=0 run the two-pass kernels."""
+    C = 64
+    small = randn_shifted((32, C, 22, 22), torch.float32, DEV, memory_format=memory_format)  # 4 MB
+    big = randn_shifted((512, C, 32, 32), torch.float32, DEV, memory_format=memory_format)  # 128 MB
+    names = _kernel_names(lambda: _train_step(small, torch.randn_like(small), C, torch.float32))
+    single = [n for n in names if "single_read_channel_kernel" in n]
+    assert len(single) == 2, f"expected a forward and a backward single-read kernel, got {sorted(names)}"
+    assert not any("channel_reduce" in n or "channel_elementwise" in n for n in names), sorted(names)
+    names = _kernel_names(lambda: _train_step(big, torch.randn_like(big), C, torch.float32))
+    assert not any("single_read" in n for n in names), sorted(names)
+    assert any("channel_reduce" in n for n in names) and any("channel_elementwise" in n for n in names)
+    monkeypatch.setenv("BNORM_EXT_CUDA_SINGLE_READ", "0")
+    names = _kernel_names(lambda: _train_step(small, torch.randn_like(small), C, torch.float32))
+    assert not any("single_read" in n for n in names), sorted(names)
+
+
+SWITCH_SHAPES = [
+    pytest.param((32, 64, 22, 22), id="32x64x22x22"),
+    pytest.param((8, 2048, 7, 7), id="8x2048x7x7"),  # L % VEC != 0, several channels per block
+    pytest.param((5, 3, 31, 17), id="5x3x31x17"),  # C % VEC != 0
+    pytest.param((256, 16, 1, 1), id="256x16x1x1"),
+]
+
+
+@pytest.mark.parametrize("shape", SWITCH_SHAPES)
+@pytest.mark.parametrize("memory_format", memory_formats)
+@pytest.mark.parametrize("dtype", dtypes)
+def test_cuda_single_read_matches_two_pass(dtype, memory_format, shape, monkeypatch):
+    """Both paths on the same data: outputs, saved and running statistics,
+    num_batches_tracked and all gradients equal within rounding, and both close to
+    the float64 reference."""
+    C = shape[1]
+    x = randn_shifted(shape, dtype, DEV, memory_format=memory_format)
+    dy = torch.randn(shape, device=DEV).to(dtype).contiguous(memory_format=memory_format)
+    monkeypatch.delenv("BNORM_EXT_CUDA_SINGLE_READ", raising=False)
+    single = _run_once(x, dy, C, dtype)
+    monkeypatch.setenv("BNORM_EXT_CUDA_SINGLE_READ", "0")
+    two_pass = _run_once(x, dy, C, dtype)
+    ref = _run_once_reference(x, dy, C)
+    tol = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-5),
+           torch.float16: dict(rtol=2e-3, atol=4e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=3e-2)}[dtype]
+    for name, a, b, r in zip(NAMES, single, two_pass, ref):
+        assert torch.isfinite(a.double()).all(), f"{name}: non-finite values on the single-read path"
+        if name == "num_batches_tracked":
+            assert a.item() == b.item() == 1
+            continue
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name} single-read vs two-pass: {m}")
+        err_a = (a.double().cpu() - r).abs().max().item()
+        err_b = (b.double().cpu() - r).abs().max().item()
+        assert err_a <= 2 * err_b + tol["atol"], f"{name}: single-read error {err_a:.3e} vs two-pass {err_b:.3e}"
+
+
+def _run_once_reference(x, dy, C):
+    m = torch.nn.BatchNorm2d(C).double()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(7)
+        m.weight.copy_(1 + 0.5 * torch.randn(C, generator=g))
+        m.bias.copy_(torch.randn(C, generator=g))
+    xi = x.detach().cpu().double().requires_grad_()
+    out = m(xi)
+    out.backward(dy.cpu().double())
+    return [out.detach(), xi.grad, m.weight.grad, m.bias.grad, m.running_mean, m.running_var, m.num_batches_tracked]
+
+
+@pytest.mark.parametrize("memory_format", memory_formats)
+def test_cuda_graph_capture(memory_format, cuda_path):
+    """Training steps captured in a CUDA graph and replayed update the running
+    statistics and num_batches_tracked as the same steps run eagerly."""
+    C = 32
+    x = randn_shifted((16, C, 12, 12), torch.float32, DEV, memory_format=memory_format)
+    dy = torch.randn_like(x)
+    eager = bnorm_ext.BatchNorm2d(C, momentum=None).to(DEV)
+    graphed = bnorm_ext.BatchNorm2d(C, momentum=None).to(DEV)
+    xs = x.clone().requires_grad_()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the capture (allocator, kernel attributes)
+        graphed(xs).backward(dy)
+    torch.cuda.current_stream().wait_stream(s)
+    eager(x.clone().requires_grad_()).backward(dy)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = graphed(xs)
+        out.backward(dy)
+    for step in range(3):
+        graph.replay()
+        xe = x.clone().requires_grad_()
+        out_e = eager(xe)
+        out_e.backward(dy)
+    torch.cuda.synchronize()
+    assert graphed.num_batches_tracked.item() == eager.num_batches_tracked.item() == 4
+    torch.testing.assert_close(graphed.running_mean, eager.running_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(graphed.running_var, eager.running_var, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, out_e, rtol=1e-6, atol=1e-6)

@@ -1,4 +1,5 @@
-// CUDA backward ops: per-channel gradient sums (one read of dy and x, split
+// CUDA backward ops. Training backward: the single-read kernel when dy and x
+// fit on chip, else per-channel gradient sums (one read of dy and x, split
 // over the whole GPU, merged in a fixed order) and the vectorised input
 // gradient pass.
 #include <ATen/ATen.h>
@@ -6,7 +7,7 @@
 #include <torch/library.h>
 
 #include "batch_norm_cuda.h"
-#include "batch_norm_cuda_kernels.cuh"
+#include "batch_norm_cuda_single_read.cuh"
 
 namespace bnorm_ext {
 namespace cuda {
@@ -36,12 +37,47 @@ void grad_sums(
       reinterpret_cast<const GradSums<acc_t>*>(partials.const_data_ptr<acc_t>()),
       s.C,
       splits,
-      sum_dy.mutable_data_ptr<acc_t>(),
-      sum_dy_xmu.mutable_data_ptr<acc_t>(),
-      invstd.const_data_ptr<acc_t>(),
-      opt_mutable_ptr<param_t>(grad_weight),
-      opt_mutable_ptr<param_t>(grad_bias));
+      GradOutputs<acc_t, param_t>{
+          sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xmu.mutable_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+          opt_mutable_ptr<param_t>(grad_weight), opt_mutable_ptr<param_t>(grad_bias)});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Training backward in one single-read launch when dy and x fit on chip:
+// dx, and grad_weight / grad_bias in their own dtype. False: nothing launched.
+template <typename scalar_t, typename param_t>
+bool single_read_backward(
+    const Tensor& dy,
+    const Tensor& x,
+    Tensor& dx,
+    const BatchNormShape& s,
+    const Tensor& mean,
+    const Tensor& invstd,
+    const OptTensor& weight,
+    Tensor& grad_weight,
+    Tensor& grad_bias) {
+  using acc_t = acc_type<scalar_t>;
+  const auto acc_options = mean.options();
+  // NB: the kernel writes acc_t; a half weight's grads are cast after.
+  const bool acc_grads = grad_weight.scalar_type() == mean.scalar_type();
+  Tensor gw = acc_grads ? grad_weight : at::empty({s.C}, acc_options);
+  Tensor gb = acc_grads ? grad_bias : at::empty({s.C}, acc_options);
+  const GradReducer<scalar_t> reducer{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>()};
+  const GradInputEpilogue<scalar_t, param_t> epilogue{
+      dx.mutable_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), opt_ptr<param_t>(weight),
+      static_cast<acc_t>(s.reduce_size()),
+      GradOutputs<acc_t, acc_t>{nullptr, nullptr, invstd.const_data_ptr<acc_t>(), gw.mutable_data_ptr<acc_t>(),
+                                gb.mutable_data_ptr<acc_t>()}};
+  const bool aligned = is_aligned16(dy.const_data_ptr()) && is_aligned16(x.const_data_ptr()) &&
+      is_aligned16(dx.const_data_ptr());
+  if (!launch_single_read(reducer, epilogue, s, aligned, acc_options)) {
+    return false;
+  }
+  if (!acc_grads) {
+    grad_weight.copy_(gw);
+    grad_bias.copy_(gb);
+  }
+  return true;
 }
 
 // dx over dense dy and x with the given coefficient loader.
@@ -156,6 +192,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
   dispatch_input_and_param(input.scalar_type(), param_type, [&](auto scalar_tag, auto param_tag) {
     using scalar_t = decltype(scalar_tag);
     using acc_t = acc_type<scalar_t>;
+    using param_t = decltype(param_tag);
+    if (training && single_read_backward<scalar_t, param_t>(dy, x, dx, s, mean, invstd, w, grad_weight, grad_bias)) {
+      return;
+    }
     // grad_weight/grad_bias come out in the weight's dtype (acc when no weight).
     const auto run = [&](auto grad_tag) {
       using grad_t = decltype(grad_tag);
@@ -166,7 +206,6 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
     } else {
       run(scalar_t{});
     }
-    using param_t = decltype(param_tag);
     if (training) {
       const Tensor n = at::full({1}, count, input.options().dtype(acc));
       const BackwardCoeffLoader<acc_t, param_t, true> coeffs{

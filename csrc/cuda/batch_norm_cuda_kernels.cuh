@@ -97,29 +97,65 @@ __device__ __forceinline__ void merge_over_rows(Partial* smem, int tx, int ty, i
 // Chan merges across threads and blocks.
 // NB: no shifted one-pass sums here: s2 - s1^2/n cancels when the data sit far
 // from the shift (e.g. a zero-padded first element of a 1e4-mean channel).
-template <typename scalar_t>
+// Reducers load kInputs raw vectors per position (load_raw) and turn them into
+// VEC Values (unpack), so a kernel can keep the raw vectors on chip; add takes
+// one value, add_run VEC values of the same channel.
+template <typename scalar_t_>
 struct StatsReducer {
+  using scalar_t = scalar_t_;
   using acc_t = acc_type<scalar_t>;
   using Value = acc_t;
   using State = WelfordData<acc_t>;
   using Partial = WelfordData<acc_t>;
   struct Context {};
+  static constexpr int kInputs = 1;
   const scalar_t* x;
 
   __device__ Context context(int64_t) const {
     return {};
   }
-  __device__ State init() const {
+  __device__ static State init() {
     return {acc_t(0), acc_t(0), acc_t(0)};
   }
   template <int VEC, typename index_t>
-  __device__ void load(index_t i, Value (&v)[VEC]) const {
-    load_acc<VEC>(x, i, v);
+  __device__ void load_raw(index_t i, Vec<scalar_t, VEC> (&raw)[kInputs]) const {
+    raw[0] = *reinterpret_cast<const Vec<scalar_t, VEC>*>(x + i);
+  }
+  template <int VEC>
+  __device__ static void unpack(const Vec<scalar_t, VEC> (&raw)[kInputs], Value (&v)[VEC]) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      v[k] = static_cast<acc_t>(raw[0].v[k]);
+    }
   }
   __device__ void add(State& s, const Context&, const Value& v) const {
     welford_add(s, v);
   }
-  __device__ Partial finish(const State& s) const {
+  // VEC values of one channel: their own (count, mean, M2), then one Chan merge.
+  // NB: one division per vector instead of one per value; VEC is a power of two,
+  // so the run's mean is its sum scaled exactly. As accurate as welford_add on
+  // 1e4-mean data (float32 emulation: variance error 1.9e-5 vs 6.2e-5).
+  template <int VEC>
+  __device__ void add_run(State& s, const Context& ctx, const Value (&v)[VEC]) const {
+    if constexpr (VEC == 1) {
+      add(s, ctx, v[0]);
+    } else {
+      acc_t sum = acc_t(0);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        sum += v[k];
+      }
+      const acc_t mean = sum * (acc_t(1) / acc_t(VEC));
+      acc_t m2 = acc_t(0);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const acc_t d = v[k] - mean;
+        m2 += d * d;
+      }
+      s = welford_merge(s, State{acc_t(VEC), mean, m2});
+    }
+  }
+  __device__ static Partial finish(const State& s) {
     return s;
   }
   __device__ static Partial merge(const Partial& a, const Partial& b) {
@@ -128,8 +164,9 @@ struct StatsReducer {
 };
 
 // Reducer for the backward sums sum(dy) and sum(dy * (x - mean)).
-template <typename scalar_t>
+template <typename scalar_t_>
 struct GradReducer {
+  using scalar_t = scalar_t_;
   using acc_t = acc_type<scalar_t>;
   struct Value {
     acc_t dy;
@@ -138,6 +175,7 @@ struct GradReducer {
   using State = GradSums<acc_t>;
   using Partial = GradSums<acc_t>;
   using Context = acc_t; // the channel's mean
+  static constexpr int kInputs = 2; // dy, x
   const scalar_t* dy;
   const scalar_t* x;
   const acc_t* mean;
@@ -145,24 +183,33 @@ struct GradReducer {
   __device__ Context context(int64_t c) const {
     return mean[c];
   }
-  __device__ State init() const {
+  __device__ static State init() {
     return {acc_t(0), acc_t(0)};
   }
   template <int VEC, typename index_t>
-  __device__ void load(index_t i, Value (&v)[VEC]) const {
-    acc_t g[VEC], in[VEC];
-    load_acc<VEC>(dy, i, g);
-    load_acc<VEC>(x, i, in);
+  __device__ void load_raw(index_t i, Vec<scalar_t, VEC> (&raw)[kInputs]) const {
+    raw[0] = *reinterpret_cast<const Vec<scalar_t, VEC>*>(dy + i);
+    raw[1] = *reinterpret_cast<const Vec<scalar_t, VEC>*>(x + i);
+  }
+  template <int VEC>
+  __device__ static void unpack(const Vec<scalar_t, VEC> (&raw)[kInputs], Value (&v)[VEC]) {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      v[k] = {g[k], in[k]};
+      v[k] = {static_cast<acc_t>(raw[0].v[k]), static_cast<acc_t>(raw[1].v[k])};
     }
   }
   __device__ void add(State& s, const Context& m, const Value& v) const {
     s.sum_dy += v.dy;
     s.sum_dy_xmu += v.dy * (v.x - m);
   }
-  __device__ Partial finish(const State& s) const {
+  template <int VEC>
+  __device__ void add_run(State& s, const Context& m, const Value (&v)[VEC]) const {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      add(s, m, v[k]);
+    }
+  }
+  __device__ static Partial finish(const State& s) {
     return s;
   }
   __device__ static Partial merge(const Partial& a, const Partial& b) {
@@ -170,8 +217,148 @@ struct GradReducer {
   }
 };
 
+template <typename Reducer, int VEC>
+using RawVec = Vec<typename Reducer::scalar_t, VEC>;
+
+// A reduction's work is cut into segments, each reduced by one block into one
+// partial per channel: [N, C, L] segment (c, split) is a 1/splits share of
+// channel c's N*L values; [M, C] segment (tile, split) is a 1/splits share of
+// the rows of a tile of blockDim.x * VEC channels.
+
+// Calls f(m, i) for each vector thread `tid` of `T` owns in [N, C, L] segment
+// (c, split): i is the flat index of its first element, m its ordinal.
+template <int VEC, typename index_t, typename F>
+__device__ __forceinline__ void for_each_vector_nchw(
+    index_t N, index_t C, index_t L, index_t c, index_t split, index_t splits, int tid, int T, const F& f) {
+  const index_t vectors = N * L / VEC;
+  const index_t per_split = (vectors + splits - 1) / splits;
+  const index_t v0 = split * per_split;
+  const index_t v1 = v0 + per_split < vectors ? v0 + per_split : vectors;
+  index_t v = v0 + tid;
+  if (v >= v1) {
+    return;
+  }
+  // NB: (n, l) = divmod(v * VEC, L) stepped without a division per vector.
+  const index_t step = static_cast<index_t>(T) * VEC;
+  const index_t step_n = step / L;
+  const index_t step_l = step - step_n * L;
+  index_t n = v * VEC / L;
+  index_t l = v * VEC - n * L;
+  for (int m = 0; v < v1; v += T, ++m) {
+    f(m, (n * C + c) * L + l);
+    n += step_n;
+    l += step_l;
+    if (l >= L) {
+      l -= L;
+      ++n;
+    }
+  }
+}
+
+// Calls f(m, i) for each row thread row `ty` of `TY` owns in [M, C] segment
+// `split`, for the VEC channels from c0 (none when c0 >= C).
+template <typename index_t, typename F>
+__device__ __forceinline__ void for_each_vector_cl(
+    index_t M, index_t C, index_t c0, index_t split, index_t splits, int ty, int TY, const F& f) {
+  if (c0 >= C) {
+    return;
+  }
+  const index_t per_split = (M + splits - 1) / splits;
+  const index_t r0 = split * per_split;
+  const index_t r1 = r0 + per_split < M ? r0 + per_split : M;
+  int m = 0;
+  for (index_t row = r0 + ty; row < r1; row += TY, ++m) {
+    f(m, row * C + c0);
+  }
+}
+
+// Reduces [N, C, L] segment (c, split) over a 1-D block into
+// partials[c * splits + split]; visit(m, raw) sees every vector loaded.
+template <typename Reducer, int VEC, typename index_t, typename Visit>
+__device__ __forceinline__ void reduce_segment_nchw(
+    const Reducer& r,
+    index_t N,
+    index_t C,
+    index_t L,
+    index_t c,
+    index_t split,
+    index_t splits,
+    typename Reducer::Partial* smem,
+    typename Reducer::Partial* partials,
+    const Visit& visit) {
+  const auto ctx = r.context(c);
+  auto state = Reducer::init();
+  for_each_vector_nchw<VEC>(N, C, L, c, split, splits, threadIdx.x, blockDim.x, [&](int m, index_t i) {
+    RawVec<Reducer, VEC> raw[Reducer::kInputs];
+    r.template load_raw<VEC>(i, raw);
+    visit(m, raw);
+    typename Reducer::Value vals[VEC];
+    Reducer::template unpack<VEC>(raw, vals);
+    r.template add_run<VEC>(state, ctx, vals);
+  });
+  smem[threadIdx.x] = Reducer::finish(state);
+  merge_over_rows<Reducer>(smem, 0, threadIdx.x, 1, blockDim.x);
+  if (threadIdx.x == 0) {
+    partials[c * splits + split] = smem[0];
+  }
+}
+
+// Reduces [M, C] segment (tile, split) over a (TX, TY) block: thread (tx, ty)
+// owns VEC consecutive channels and strides over rows; per channel, partials
+// are merged over ty and written to partials[channel * splits + split].
+template <typename Reducer, int VEC, typename index_t, typename Visit>
+__device__ __forceinline__ void reduce_segment_cl(
+    const Reducer& r,
+    index_t M,
+    index_t C,
+    index_t tile,
+    index_t split,
+    index_t splits,
+    typename Reducer::Partial* smem,
+    typename Reducer::Partial* partials,
+    const Visit& visit) {
+  const int TX = blockDim.x;
+  const int TY = blockDim.y;
+  const int tx = threadIdx.x;
+  const int ty = threadIdx.y;
+  const index_t c0 = (tile * TX + tx) * VEC;
+  typename Reducer::State state[VEC];
+  typename Reducer::Context ctx[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    state[k] = Reducer::init();
+    if (c0 + k < C) {
+      ctx[k] = r.context(c0 + k);
+    }
+  }
+  for_each_vector_cl(M, C, c0, split, splits, ty, TY, [&](int m, index_t i) {
+    RawVec<Reducer, VEC> raw[Reducer::kInputs];
+    r.template load_raw<VEC>(i, raw);
+    visit(m, raw);
+    typename Reducer::Value vals[VEC];
+    Reducer::template unpack<VEC>(raw, vals);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      r.add(state[k], ctx[k], vals[k]);
+    }
+  });
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    smem[ty * TX + tx] = Reducer::finish(state[k]);
+    merge_over_rows<Reducer>(smem, tx, ty, TX, TY);
+    if (ty == 0 && c0 + k < C) {
+      partials[(c0 + k) * splits + split] = smem[tx];
+    }
+  }
+}
+
+struct IgnoreLoaded {
+  template <typename Raw>
+  __device__ void operator()(int, const Raw&) const {}
+};
+
 // [N, C, L] reduction: block (c = blockIdx.x, split = blockIdx.y) reduces its
-// share of channel c's N*L values into partials[c * splits + split].
+// segment into partials[c * splits + split].
 // VEC > 1 needs L % VEC == 0 and 16-byte aligned data.
 template <typename Reducer, int VEC, typename index_t>
 __global__ void __launch_bounds__(kBlockSize) channel_reduce_nchw_kernel(
@@ -180,37 +367,13 @@ __global__ void __launch_bounds__(kBlockSize) channel_reduce_nchw_kernel(
     index_t C,
     index_t L,
     typename Reducer::Partial* partials) {
-  using Partial = typename Reducer::Partial;
-  __shared__ Partial smem[kBlockSize];
-  const index_t c = blockIdx.x;
-  const index_t splits = gridDim.y;
-  const index_t vectors = N * L / VEC;
-  const index_t per_split = (vectors + splits - 1) / splits;
-  const index_t v0 = blockIdx.y * per_split;
-  const index_t v1 = v0 + per_split < vectors ? v0 + per_split : vectors;
-  const auto ctx = r.context(c);
-  auto state = r.init();
-  for (index_t v = v0 + threadIdx.x; v < v1; v += blockDim.x) {
-    const index_t j = v * VEC;
-    const index_t n = j / L;
-    const index_t i = (n * C + c) * L + (j - n * L);
-    typename Reducer::Value vals[VEC];
-    r.template load<VEC>(i, vals);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      r.add(state, ctx, vals[k]);
-    }
-  }
-  smem[threadIdx.x] = r.finish(state);
-  merge_over_rows<Reducer>(smem, 0, threadIdx.x, 1, kBlockSize);
-  if (threadIdx.x == 0) {
-    partials[c * splits + blockIdx.y] = smem[0];
-  }
+  __shared__ typename Reducer::Partial smem[kBlockSize];
+  reduce_segment_nchw<Reducer, VEC, index_t>(
+      r, N, C, L, blockIdx.x, blockIdx.y, gridDim.y, smem, partials, IgnoreLoaded{});
 }
 
-// [M, C] reduction (channels innermost): thread (tx, ty) of block
-// (tile = blockIdx.x, split = blockIdx.y) owns VEC consecutive channels and
-// strides over rows; partials merged over ty, then written per channel.
+// [M, C] reduction (channels innermost): block (tile = blockIdx.x, split =
+// blockIdx.y) reduces its segment.
 // VEC > 1 needs C % VEC == 0 and 16-byte aligned data.
 template <typename Reducer, int VEC, typename index_t>
 __global__ void __launch_bounds__(kBlockSize) channel_reduce_cl_kernel(
@@ -218,44 +381,42 @@ __global__ void __launch_bounds__(kBlockSize) channel_reduce_cl_kernel(
     index_t M,
     index_t C,
     typename Reducer::Partial* partials) {
-  using Partial = typename Reducer::Partial;
-  __shared__ Partial smem[kBlockSize];
-  const int TX = blockDim.x;
-  const int TY = blockDim.y;
-  const int tx = threadIdx.x;
-  const int ty = threadIdx.y;
-  const index_t splits = gridDim.y;
-  const index_t c0 = (static_cast<index_t>(blockIdx.x) * TX + tx) * VEC;
-  const index_t per_split = (M + splits - 1) / splits;
-  const index_t r0 = blockIdx.y * per_split;
-  const index_t r1 = r0 + per_split < M ? r0 + per_split : M;
-  typename Reducer::State state[VEC];
-  typename Reducer::Context ctx[VEC];
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) {
-    state[k] = r.init();
-    if (c0 + k < C) {
-      ctx[k] = r.context(c0 + k);
-    }
+  __shared__ typename Reducer::Partial smem[kBlockSize];
+  reduce_segment_cl<Reducer, VEC, index_t>(r, M, C, blockIdx.x, blockIdx.y, gridDim.y, smem, partials, IgnoreLoaded{});
+}
+
+// Splits per reduction unit (channel or channel tile) so that `units` * splits
+// blocks reach `target_blocks`, while each thread keeps at least
+// kMinVectorsPerThread of the unit's `positions` (positions per pass of a
+// block: `per_pass`).
+inline int64_t choose_splits(int64_t units, int64_t target_blocks, int64_t positions, int64_t per_pass) {
+  const int64_t max_splits = std::max<int64_t>(1, positions / (per_pass * kMinVectorsPerThread));
+  return std::clamp<int64_t>(target_blocks / units, 1, std::min<int64_t>(max_splits, 65535));
+}
+
+// Block shape of a channels-last reduction: tx threads across channel vectors
+// (a power of two up to a warp), ty = kBlockSize / tx over rows, `tiles` blocks
+// across the channels.
+struct ClBlockShape {
+  int tx;
+  int ty;
+  int64_t tiles;
+};
+
+inline ClBlockShape cl_block_shape(int64_t channel_vectors) {
+  int tx = 1;
+  while (tx < 32 && tx < channel_vectors) {
+    tx *= 2;
   }
-  if (c0 < C) {
-    for (index_t row = r0 + ty; row < r1; row += TY) {
-      typename Reducer::Value vals[VEC];
-      r.template load<VEC>(row * C + c0, vals);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        r.add(state[k], ctx[k], vals[k]);
-      }
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) {
-    smem[ty * TX + tx] = r.finish(state[k]);
-    merge_over_rows<Reducer>(smem, tx, ty, TX, TY);
-    if (ty == 0 && c0 + k < C) {
-      partials[(c0 + k) * splits + blockIdx.y] = smem[tx];
-    }
-  }
+  return {tx, kBlockSize / tx, (channel_vectors + tx - 1) / tx};
+}
+
+// New [C, splits] tensor of Partial (acc_t fields).
+template <typename Partial, typename acc_t>
+std::pair<Tensor, Partial*> new_partials(int64_t C, int64_t splits, const at::TensorOptions& acc_options) {
+  static_assert(sizeof(Partial) % sizeof(acc_t) == 0, "Partial must be made of acc_t");
+  Tensor partials = at::empty({C * splits * int64_t(sizeof(Partial) / sizeof(acc_t))}, acc_options);
+  return {partials, reinterpret_cast<Partial*>(partials.mutable_data_ptr<acc_t>())};
 }
 
 // Launches the reduction of `r` over a dense input of shape s into a new
@@ -268,20 +429,15 @@ std::pair<Tensor, int64_t> launch_channel_reduce(
     const at::TensorOptions& acc_options) {
   using Partial = typename Reducer::Partial;
   using acc_t = acc_type<scalar_t>;
-  static_assert(sizeof(Partial) % sizeof(acc_t) == 0, "Partial must be made of acc_t");
   constexpr int kVec = vec_size<scalar_t>();
   const int64_t numel = s.N * s.C * s.L;
   const bool use32 = use_32bit_index(numel);
   const int64_t target_blocks = static_cast<int64_t>(sm_count()) * kBlocksPerSm;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  int64_t splits;
   if (!s.channels_last) {
     const bool vec = vectorizable && s.L % kVec == 0;
-    const int64_t vectors = s.N * s.L / (vec ? kVec : 1);
-    const int64_t max_splits = std::max<int64_t>(1, vectors / (kBlockSize * kMinVectorsPerThread));
-    splits = std::clamp<int64_t>(target_blocks / s.C, 1, std::min<int64_t>(max_splits, 65535));
-    Tensor partials = at::empty({s.C * splits * int64_t(sizeof(Partial) / sizeof(acc_t))}, acc_options);
-    auto* out = reinterpret_cast<Partial*>(partials.mutable_data_ptr<acc_t>());
+    const int64_t splits = choose_splits(s.C, target_blocks, s.N * s.L / (vec ? kVec : 1), kBlockSize);
+    auto [partials, out] = new_partials<Partial, acc_t>(s.C, splits, acc_options);
     const dim3 grid(static_cast<unsigned>(s.C), static_cast<unsigned>(splits));
 #define BNORM_EXT_LAUNCH_NCHW(VEC, index_t) \
   channel_reduce_nchw_kernel<Reducer, VEC, index_t><<<grid, kBlockSize, 0, stream>>>( \
@@ -301,20 +457,12 @@ std::pair<Tensor, int64_t> launch_channel_reduce(
   }
   const bool vec = vectorizable && s.C % kVec == 0;
   const int vec_c = vec ? kVec : 1;
-  const int64_t channel_vectors = (s.C + vec_c - 1) / vec_c;
-  int tx = 1;
-  while (tx < 32 && tx < channel_vectors) {
-    tx *= 2;
-  }
-  const int ty = kBlockSize / tx;
-  const int64_t tiles = (channel_vectors + tx - 1) / tx;
+  const ClBlockShape shape = cl_block_shape((s.C + vec_c - 1) / vec_c);
   const int64_t M = s.reduce_size();
-  const int64_t max_splits = std::max<int64_t>(1, M / (int64_t(ty) * kMinVectorsPerThread));
-  splits = std::clamp<int64_t>(target_blocks / tiles, 1, std::min<int64_t>(max_splits, 65535));
-  Tensor partials = at::empty({s.C * splits * int64_t(sizeof(Partial) / sizeof(acc_t))}, acc_options);
-  auto* out = reinterpret_cast<Partial*>(partials.mutable_data_ptr<acc_t>());
-  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
-  const dim3 block(tx, ty);
+  const int64_t splits = choose_splits(shape.tiles, target_blocks, M, shape.ty);
+  auto [partials, out] = new_partials<Partial, acc_t>(s.C, splits, acc_options);
+  const dim3 grid(static_cast<unsigned>(shape.tiles), static_cast<unsigned>(splits));
+  const dim3 block(shape.tx, shape.ty);
 #define BNORM_EXT_LAUNCH_CL(VEC, index_t) \
   channel_reduce_cl_kernel<Reducer, VEC, index_t><<<grid, block, 0, stream>>>( \
       r, static_cast<index_t>(M), static_cast<index_t>(s.C), out)
@@ -444,27 +592,59 @@ struct NormalizeOp {
   }
 };
 
+// Where the forward statistics of a batch go: mean and invstd (or the biased
+// var) per channel, the running statistics and num_batches_tracked.
+template <typename acc_t, typename param_t>
+struct StatsOutputs {
+  acc_t eps;
+  bool output_var; // write the biased variance instead of invstd
+  acc_t* mean;
+  acc_t* spread;
+  param_t* running_mean; // may be null (then running_var is too)
+  param_t* running_var;
+  int64_t* num_batches_tracked; // may be null
+  bool has_momentum;
+  double momentum;
+
+  // This batch's running-average factor; read before count_batch().
+  __device__ double factor() const {
+    const int64_t batches = num_batches_tracked ? *num_batches_tracked + 1 : 1;
+    return running_average_factor(has_momentum, momentum, batches);
+  }
+  __device__ void count_batch() const {
+    if (num_batches_tracked != nullptr) {
+      *num_batches_tracked += 1;
+    }
+  }
+  __device__ acc_t invstd(const WelfordData<acc_t>& w) const {
+    return invstd_from_var(welford_biased_var(w), eps);
+  }
+  // Channel c's outputs from its merged statistics w; running stats only for
+  // a non-empty batch.
+  __device__ void store(int64_t c, const WelfordData<acc_t>& w, double factor) const {
+    const acc_t var = welford_biased_var(w);
+    mean[c] = w.mean;
+    spread[c] = output_var ? var : invstd_from_var(var, eps);
+    if (running_mean != nullptr && w.count > acc_t(0)) {
+      const acc_t f = static_cast<acc_t>(factor);
+      const acc_t unbiased = w.m2 / (w.count - acc_t(1));
+      running_mean[c] = static_cast<param_t>(running_update(static_cast<acc_t>(running_mean[c]), w.mean, f));
+      running_var[c] = static_cast<param_t>(running_update(static_cast<acc_t>(running_var[c]), unbiased, f));
+    }
+  }
+};
+
 // Single-block finalize of the forward statistics: merges partials[c, 0..splits)
-// in order, writes mean and invstd (or biased var) and, for
-// a non-empty batch, updates the running stats; increments num_batches_tracked.
+// in order into `out`; increments num_batches_tracked.
 template <typename acc_t, typename param_t>
 __global__ void __launch_bounds__(1024) finalize_stats_kernel(
     const WelfordData<acc_t>* partials,
     int64_t C,
     int64_t splits,
-    acc_t eps,
-    bool output_var, // write the biased variance instead of invstd
-    acc_t* out_mean,
-    acc_t* out_spread,
-    param_t* running_mean, // may be null (then running_var is too)
-    param_t* running_var,
-    int64_t* num_batches_tracked, // may be null
-    bool has_momentum,
-    double momentum) {
+    StatsOutputs<acc_t, param_t> out) {
   __shared__ double factor;
   if (threadIdx.x == 0) {
-    const int64_t batches = num_batches_tracked ? *num_batches_tracked + 1 : 1;
-    factor = running_average_factor(has_momentum, momentum, batches);
+    factor = out.factor();
   }
   __syncthreads();
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
@@ -472,35 +652,43 @@ __global__ void __launch_bounds__(1024) finalize_stats_kernel(
     for (int64_t k = 0; k < splits; ++k) {
       w = welford_merge(w, partials[c * splits + k]);
     }
-    const acc_t mean = w.mean;
-    const acc_t var = welford_biased_var(w);
-    out_mean[c] = mean;
-    out_spread[c] = output_var ? var : invstd_from_var(var, eps);
-    if (running_mean != nullptr && w.count > acc_t(0)) {
-      const acc_t f = static_cast<acc_t>(factor);
-      const acc_t unbiased = w.m2 / (w.count - acc_t(1));
-      running_mean[c] = static_cast<param_t>(running_update(static_cast<acc_t>(running_mean[c]), mean, f));
-      running_var[c] = static_cast<param_t>(running_update(static_cast<acc_t>(running_var[c]), unbiased, f));
-    }
+    out.store(c, w, factor);
   }
   __syncthreads();
-  if (threadIdx.x == 0 && num_batches_tracked != nullptr) {
-    *num_batches_tracked += 1;
+  if (threadIdx.x == 0) {
+    out.count_batch();
   }
 }
 
-// Sums partials[c, 0..splits) in order into sum_dy/sum_dy_xmu; with grad
-// pointers, also grad_weight = sum_dy_xmu * invstd and grad_bias = sum_dy.
-template <typename acc_t, typename param_t>
+// Where the backward sums of a batch go: sum_dy / sum_dy_xmu per channel
+// (optional) and grad_weight = sum_dy_xmu * invstd, grad_bias = sum_dy (optional).
+template <typename acc_t, typename grad_t>
+struct GradOutputs {
+  acc_t* sum_dy; // may be null (then sum_dy_xmu is too)
+  acc_t* sum_dy_xmu;
+  const acc_t* invstd; // may be null when grad_weight is
+  grad_t* grad_weight; // may be null (then grad_bias is too)
+  grad_t* grad_bias;
+
+  __device__ void store(int64_t c, const GradSums<acc_t>& g) const {
+    if (sum_dy != nullptr) {
+      sum_dy[c] = g.sum_dy;
+      sum_dy_xmu[c] = g.sum_dy_xmu;
+    }
+    if (grad_weight != nullptr) {
+      grad_weight[c] = static_cast<grad_t>(g.sum_dy_xmu * invstd[c]);
+      grad_bias[c] = static_cast<grad_t>(g.sum_dy);
+    }
+  }
+};
+
+// Sums partials[c, 0..splits) in order into `out`.
+template <typename acc_t, typename grad_t>
 __global__ void __launch_bounds__(kBlockSize) finalize_grad_kernel(
     const GradSums<acc_t>* partials,
     int64_t C,
     int64_t splits,
-    acc_t* sum_dy,
-    acc_t* sum_dy_xmu,
-    const acc_t* invstd, // may be null when grad_weight is
-    param_t* grad_weight,
-    param_t* grad_bias) {
+    GradOutputs<acc_t, grad_t> out) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) {
     return;
@@ -509,12 +697,7 @@ __global__ void __launch_bounds__(kBlockSize) finalize_grad_kernel(
   for (int64_t k = 1; k < splits; ++k) {
     g = grad_sums_merge(g, partials[c * splits + k]);
   }
-  sum_dy[c] = g.sum_dy;
-  sum_dy_xmu[c] = g.sum_dy_xmu;
-  if (grad_weight != nullptr) {
-    grad_weight[c] = static_cast<param_t>(g.sum_dy_xmu * invstd[c]);
-    grad_bias[c] = static_cast<param_t>(g.sum_dy);
-  }
+  out.store(c, g);
 }
 
 // Backward coefficients per channel; kTrain uses the gradient sums.

@@ -1,4 +1,5 @@
-// CUDA forward ops: statistics (split per channel over the whole GPU, merged
+// CUDA forward ops. Training forward: the single-read kernel when the input
+// fits on chip, else statistics (split per channel over the whole GPU, merged
 // in a fixed order), one single-block finalize that also updates the running
 // statistics on the device, and the vectorised normalize pass.
 #include <ATen/ATen.h>
@@ -6,25 +7,10 @@
 #include <torch/library.h>
 
 #include "batch_norm_cuda.h"
-#include "batch_norm_cuda_kernels.cuh"
+#include "batch_norm_cuda_single_read.cuh"
 
 namespace bnorm_ext {
 namespace cuda {
-
-int sm_count() {
-  static int counts[64] = {};
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device < 64 && counts[device] > 0) {
-    return counts[device];
-  }
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  if (device < 64) {
-    counts[device] = sms;
-  }
-  return sms;
-}
 
 at::ScalarType param_scalar_type(const Tensor& input, std::initializer_list<const OptTensor*> params) {
   for (const OptTensor* p : params) {
@@ -44,6 +30,26 @@ void check_running_contiguous(const char* op, const OptTensor& running_mean, con
 }
 
 namespace {
+
+// Threads of the single-block finalize over C channels.
+int finalize_threads(int64_t C) {
+  return static_cast<int>(std::min<int64_t>(1024, ((C + 31) / 32) * 32));
+}
+
+template <typename acc_t, typename param_t>
+StatsOutputs<acc_t, param_t> stats_outputs(
+    double eps,
+    bool output_var,
+    Tensor& mean,
+    Tensor& spread,
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    const OptTensor& num_batches_tracked,
+    std::optional<double> momentum) {
+  return {static_cast<acc_t>(eps), output_var, mean.mutable_data_ptr<acc_t>(), spread.mutable_data_ptr<acc_t>(),
+          opt_mutable_ptr<param_t>(running_mean), opt_mutable_ptr<param_t>(running_var),
+          opt_mutable_ptr<int64_t>(num_batches_tracked), momentum.has_value(), momentum.value_or(0.0)};
+}
 
 // Statistics of a dense, non-empty input into out_mean / out_spread (invstd,
 // or the biased var when output_var), updating the running stats if given.
@@ -65,20 +71,11 @@ void stats_and_finalize(
   int64_t splits;
   std::tie(partials, splits) = launch_channel_reduce<StatsReducer<scalar_t>, scalar_t>(
       reducer, s, is_aligned16(x.const_data_ptr()), out_mean.options());
-  const int threads = static_cast<int>(std::min<int64_t>(1024, ((s.C + 31) / 32) * 32));
-  finalize_stats_kernel<acc_t, param_t><<<1, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  finalize_stats_kernel<acc_t, param_t><<<1, finalize_threads(s.C), 0, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const WelfordData<acc_t>*>(partials.const_data_ptr<acc_t>()),
       s.C,
       splits,
-      static_cast<acc_t>(eps),
-      output_var,
-      out_mean.mutable_data_ptr<acc_t>(),
-      out_spread.mutable_data_ptr<acc_t>(),
-      opt_mutable_ptr<param_t>(running_mean),
-      opt_mutable_ptr<param_t>(running_var),
-      opt_mutable_ptr<int64_t>(num_batches_tracked),
-      momentum.has_value(),
-      momentum.value_or(0.0));
+      stats_outputs<acc_t, param_t>(eps, output_var, out_mean, out_spread, running_mean, running_var, num_batches_tracked, momentum));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -155,12 +152,10 @@ std::tuple<Tensor, Tensor> batch_norm_gather_stats_cuda(
     using acc_t = scalar_t;
     const auto launch = [&](auto param_tag) {
       using param_t = decltype(param_tag);
-      finalize_stats_kernel<acc_t, param_t><<<1, static_cast<int>(std::min<int64_t>(1024, ((C + 31) / 32) * 32)), 0, c10::cuda::getCurrentCUDAStream()>>>(
-          reinterpret_cast<const WelfordData<acc_t>*>(partials.const_data_ptr<acc_t>()),
-          C, P, static_cast<acc_t>(eps), /*output_var=*/false,
-          out_mean.mutable_data_ptr<acc_t>(), out_invstd.mutable_data_ptr<acc_t>(),
-          opt_mutable_ptr<param_t>(running_mean), opt_mutable_ptr<param_t>(running_var),
-          opt_mutable_ptr<int64_t>(num_batches_tracked), momentum.has_value(), momentum.value_or(0.0));
+      finalize_stats_kernel<acc_t, param_t><<<1, finalize_threads(C), 0, c10::cuda::getCurrentCUDAStream()>>>(
+          reinterpret_cast<const WelfordData<acc_t>*>(partials.const_data_ptr<acc_t>()), C, P,
+          stats_outputs<acc_t, param_t>(eps, /*output_var=*/false, out_mean, out_invstd, running_mean, running_var,
+                                        num_batches_tracked, momentum));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     const auto running_type = running_mean.has_value() && running_mean->defined() ? running_mean->scalar_type() : mean.scalar_type();
@@ -228,8 +223,17 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_train_cuda(
   dispatch_input_and_param(input.scalar_type(), param_type, [&](auto scalar_tag, auto param_tag) {
     using scalar_t = decltype(scalar_tag);
     using param_t = decltype(param_tag);
+    using acc_t = acc_type<scalar_t>;
+    const NormalizeEpilogue<scalar_t, param_t> epilogue{
+        out.mutable_data_ptr<scalar_t>(), opt_ptr<param_t>(w), opt_ptr<param_t>(b),
+        stats_outputs<acc_t, param_t>(eps, /*output_var=*/false, save_mean, save_invstd, running_mean, running_var,
+                                      num_batches_tracked, momentum)};
+    const bool aligned = is_aligned16(x.const_data_ptr()) && is_aligned16(out.const_data_ptr());
+    if (launch_single_read(StatsReducer<scalar_t>{x.const_data_ptr<scalar_t>()}, epilogue, s, aligned, acc_options)) {
+      return;
+    }
     stats_and_finalize<scalar_t, param_t>(x, s, eps, /*output_var=*/false, save_mean, save_invstd, running_mean, running_var, num_batches_tracked, momentum);
-    normalize<scalar_t, acc_type<scalar_t>, param_t, false>(x, out, s, save_mean, save_invstd, w, b, eps);
+    normalize<scalar_t, acc_t, param_t, false>(x, out, s, save_mean, save_invstd, w, b, eps);
   });
   return {out, save_mean, save_invstd};
 }
