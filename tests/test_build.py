@@ -53,30 +53,48 @@ def _vec_width(name):
     return int(m.group(1)) if m else None
 
 
-def _index64(name):
-    # The two-pass kernels end their template arguments with the index type: ...ElEEv (int64) / ...EiEEv (int32);
-    # the single-read kernels always index in 32 bits.
-    return re.search(r"ElEEv", name) is not None
-
-
-def test_no_spills_or_stack():
+def _resource_usage():
+    # {(arch, function): {"REG": n, "STACK": n, "LOCAL": n, ...}} from cuobjdump --dump-resource-usage,
+    # one entry per architecture the library carries.
     out = subprocess.run(
         [CUOBJDUMP, "--dump-resource-usage", _library()], capture_output=True, text=True, check=True
     ).stdout
-    usage = _per_function(out, r"Function (\S+):")
-    kernels = {name: text for name, text in usage.items() if "bnorm_ext" in name}
-    assert len(kernels) > 20, f"expected the bnorm_ext kernels in the library, found {len(kernels)}"
-    spills = {name: text.strip() for name, text in kernels.items() if "LOCAL:0" not in text}
-    assert not spills, f"kernels with local memory (spills): {spills}"
-    # NB: a 64-bit-index kernel (only tensors of 2^31 elements and more) may keep
-    # a few bytes of call-saved registers on the stack around the IEEE division's
-    # slow path, stored once before its loop and loaded once after; the 32-bit
-    # kernels, which every smaller tensor runs, must have no stack frame at all.
-    stack32 = {name: text.strip() for name, text in kernels.items()
-               if "STACK:0" not in text and not _index64(name)}
-    assert not stack32, f"32-bit-index kernels with a stack frame: {stack32}"
-    assert any(_index64(name) for name in kernels), "expected 64-bit-index kernels"
-    assert any("single_read_channel_kernel" in name for name in kernels), "expected the single-read kernels"
+    usage, arch, function = {}, None, None
+    for line in out.splitlines():
+        line = line.strip()
+        m = re.match(r"arch = (sm_\d+)", line)
+        if m:
+            arch = m.group(1)
+            continue
+        m = re.match(r"Function (\S+):", line)
+        if m:
+            function = m.group(1)
+            continue
+        if function is not None and line.startswith("REG:"):
+            usage[(arch, function)] = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
+            function = None
+    return usage
+
+
+def test_no_spills_or_stack():
+    usage = {key: u for key, u in _resource_usage().items() if "bnorm_ext" in key[1]}
+    archs = {arch for arch, _ in usage}
+    assert archs, "no bnorm_ext kernels found in the library"
+    for arch in archs:
+        n = sum(1 for a, _ in usage if a == arch)
+        assert n > 20, f"expected the bnorm_ext kernels for {arch}, found {n}"
+        assert any("single_read_channel_kernel" in f for a, f in usage if a == arch), f"no single-read kernels for {arch}"
+    # NB: ptxas spills go to the stack frame (LOCAL stays 0), so STACK is the spill signal.
+    # One exception, the 64-bit-index float channels-last reduction (tensors of 2^31
+    # elements and more): ptxas spills one 4-byte value into an 8-byte frame, stored once
+    # before the row loop and loaded once after it (checked in its SASS), so allow that
+    # much there and nothing anywhere else.
+    def allowed_stack(name):
+        return 8 if name.startswith("_ZN9bnorm_ext4cuda24channel_reduce_cl_kernel") and re.search(r"ElEEv", name) else 0
+
+    bad = {f"{arch} {name}": u for (arch, name), u in usage.items()
+           if u.get("STACK", 0) > allowed_stack(name) or u.get("LOCAL", 0)}
+    assert not bad, f"kernels with a stack frame or local memory (spills): {bad}"
 
 
 @pytest.mark.parametrize("arch", ["sm_90", "sm_80"])

@@ -36,7 +36,7 @@ int sm_count() {
   return sms;
 }
 
-SingleReadLimits single_read_limits(const void* kernel) {
+SingleReadLimits single_read_limits(const void* kernel, int blocks_per_sm) {
   static std::mutex mutex;
   static std::map<std::pair<const void*, int>, SingleReadLimits> known;
   int device = 0;
@@ -54,8 +54,8 @@ SingleReadLimits single_read_limits(const void* kernel) {
     const int64_t per_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
     const int64_t per_block_optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
     const int64_t reserved = device_attribute(cudaDevAttrReservedSharedMemoryPerBlock, device);
-    // The SM's shared memory split between kSingleReadBlocksPerSm blocks, in KiB units.
-    const int64_t dynamic = std::min(per_sm / kSingleReadBlocksPerSm - reserved, per_block_optin) - static_smem;
+    // The SM's shared memory split between blocks_per_sm blocks, in KiB units.
+    const int64_t dynamic = std::min(per_sm / blocks_per_sm - reserved, per_block_optin) - static_smem;
     const int64_t dynamic_kib = dynamic / 1024 * 1024;
     if (dynamic_kib > 0) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic_kib)));

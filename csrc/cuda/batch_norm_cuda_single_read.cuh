@@ -17,9 +17,14 @@
 namespace bnorm_ext {
 namespace cuda {
 
-// Blocks of kBlockSize threads per SM the single-read kernels are sized for
-// (shared memory is split between them; registers capped at 64 per thread).
-constexpr int kSingleReadBlocksPerSm = 4;
+// Blocks of kBlockSize threads per SM a single-read kernel is sized for: the
+// SM's shared memory is split between them and registers capped accordingly
+// (4: 64 per thread). Channels-last with 8-element vectors keeps 8 channels'
+// statistics per thread, which spills at 64 registers on sm_80: 3 (85).
+template <int VEC, bool kChannelsLast>
+constexpr int single_read_blocks_per_sm() {
+  return kChannelsLast && VEC == 8 ? 3 : 4;
+}
 
 // What one single-read kernel can use on the current device: co-resident
 // blocks per SM (0: no cooperative launch) and dynamic shared memory per block.
@@ -28,9 +33,10 @@ struct SingleReadLimits {
   int64_t max_dynamic_smem = 0;
 };
 
-// The limits of `kernel` on the current device (queried once per kernel and
-// device, which also raises the kernel's dynamic shared memory cap).
-SingleReadLimits single_read_limits(const void* kernel);
+// The limits of `kernel`, sized for `blocks_per_sm` blocks per SM, on the
+// current device (queried once per kernel and device, which also raises the
+// kernel's dynamic shared memory cap).
+SingleReadLimits single_read_limits(const void* kernel, int blocks_per_sm);
 
 // False when BNORM_EXT_CUDA_SINGLE_READ=0 (forces the two-pass kernels).
 inline bool single_read_enabled() {
@@ -139,7 +145,7 @@ struct GradInputEpilogue {
 // ((j * slots + m) * kInputs + p) * T + tid. Launched cooperatively with every
 // block resident.
 template <typename Reducer, typename Epilogue, int VEC, bool kChannelsLast>
-__global__ void __launch_bounds__(kBlockSize, kSingleReadBlocksPerSm) single_read_channel_kernel(
+__global__ void __launch_bounds__(kBlockSize, (single_read_blocks_per_sm<VEC, kChannelsLast>())) single_read_channel_kernel(
     Reducer r,
     Epilogue e,
     int32_t N,
@@ -238,7 +244,8 @@ bool launch_single_read_layout(
   using Partial = typename Reducer::Partial;
   using acc_t = typename Reducer::acc_t;
   const auto kernel = single_read_channel_kernel<Reducer, Epilogue, VEC, kChannelsLast>;
-  const SingleReadLimits limits = single_read_limits(reinterpret_cast<const void*>(kernel));
+  const SingleReadLimits limits =
+      single_read_limits(reinterpret_cast<const void*>(kernel), single_read_blocks_per_sm<VEC, kChannelsLast>());
   if (limits.blocks_per_sm == 0) {
     return false;
   }
