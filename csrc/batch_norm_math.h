@@ -82,6 +82,16 @@ C10_HOST_DEVICE inline void welford_add(WelfordData<acc_t>& w, acc_t v) {
   w.m2 += delta * (v - w.mean);
 }
 
+// welford_add for states that share one count (given with its reciprocal, so
+// that several states updated together divide once).
+template <typename acc_t>
+C10_HOST_DEVICE inline void welford_add_counted(WelfordData<acc_t>& w, acc_t v, acc_t count, acc_t inv_count) {
+  w.count = count;
+  const acc_t delta = v - w.mean;
+  w.mean += delta * inv_count;
+  w.m2 += delta * (v - w.mean);
+}
+
 // Per-channel gradient sums: sum(dy) and sum(dy * (x - mean)); merged by adding.
 template <typename acc_t>
 struct GradSums {

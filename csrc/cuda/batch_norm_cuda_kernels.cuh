@@ -99,7 +99,8 @@ __device__ __forceinline__ void merge_over_rows(Partial* smem, int tx, int ty, i
 // from the shift (e.g. a zero-padded first element of a 1e4-mean channel).
 // Reducers load kInputs raw vectors per position (load_raw) and turn them into
 // VEC Values (unpack), so a kernel can keep the raw vectors on chip; add takes
-// one value, add_run VEC values of the same channel.
+// one value, add_run VEC values of one channel, add_row one value of each of
+// VEC channels.
 template <typename scalar_t_>
 struct StatsReducer {
   using scalar_t = scalar_t_;
@@ -155,6 +156,19 @@ struct StatsReducer {
       s = welford_merge(s, State{acc_t(VEC), mean, m2});
     }
   }
+  // One value per channel into VEC channels' states, which all hold the same
+  // count (channels-last: every row adds one value to each).
+  // NB: one division per row: delta * (1 / count) instead of delta / count
+  // (one more rounding, same accuracy class).
+  template <int VEC>
+  __device__ void add_row(State (&s)[VEC], const Context (&)[VEC], const Value (&v)[VEC]) const {
+    const acc_t count = s[0].count + acc_t(1);
+    const acc_t inv_count = acc_t(1) / count;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      welford_add_counted(s[k], v[k], count, inv_count);
+    }
+  }
   __device__ static Partial finish(const State& s) {
     return s;
   }
@@ -207,6 +221,13 @@ struct GradReducer {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       add(s, m, v[k]);
+    }
+  }
+  template <int VEC>
+  __device__ void add_row(State (&s)[VEC], const Context (&m)[VEC], const Value (&v)[VEC]) const {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      add(s[k], m[k], v[k]);
     }
   }
   __device__ static Partial finish(const State& s) {
@@ -337,10 +358,7 @@ __device__ __forceinline__ void reduce_segment_cl(
     visit(m, raw);
     typename Reducer::Value vals[VEC];
     Reducer::template unpack<VEC>(raw, vals);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      r.add(state[k], ctx[k], vals[k]);
-    }
+    r.template add_row<VEC>(state, ctx, vals);
   });
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
