@@ -188,8 +188,8 @@ def condition_number(x):
 def assert_matches(ours, theirs, ref, dtype, what="", relative_to_torch=False, cond=None, atol_extra=0.0):
     """ours/theirs: results from bnorm_ext and torch in `dtype`; ref: float64 reference.
 
-    float32/float64: torch.testing.assert_close(ours, theirs) with default tolerances
-    (and close to the float64 reference).
+    float32/float64: torch.testing.assert_close(ours, theirs) with default tolerances, unless
+    ours is the closer of the two to the float64 reference (and close to it in any case).
     bf16/fp16: max|ours-ref| <= 2*max|torch-ref| + atol*max(1,|ref|).
     relative_to_torch=True forces the bf16/fp16-style check for float32 results
     (used for float32 quantities computed from low-precision inputs).
@@ -212,13 +212,19 @@ def assert_matches(ours, theirs, ref, dtype, what="", relative_to_torch=False, c
     if dtype in (torch.float32, torch.float64) and not relative_to_torch:
         c = max(1.0, cond / 10.0) if cond is not None else 1.0
         rtol, atol = (1.3e-6, 1e-5) if dtype == torch.float32 else (1e-7, 1e-7)
-        torch.testing.assert_close(ours, theirs, rtol=rtol * c, atol=atol * c + atol_extra,
-                                   msg=lambda m: f"{what}: {m}")
+        err = max_abs_err(o, ref)
+        err_t = max_abs_err(theirs, ref)
+        try:
+            torch.testing.assert_close(ours, theirs, rtol=rtol * c, atol=atol * c + atol_extra,
+                                       msg=lambda m: f"{what}: {m}")
+        except AssertionError:
+            # NB: far from torch is fine only where torch is the less accurate one (e.g. torch's
+            # float32 channels_last CPU kernel on 50k values per channel: 2.9e-5 vs ours 2.9e-6).
+            if err > err_t:
+                raise
         # and not far from the exact answer either
         scale = max(1.0, ref.abs().max().item())
         tol = (1e-4 if dtype == torch.float32 else 1e-10) * scale * c + atol_extra
-        err = max_abs_err(o, ref)
-        err_t = max_abs_err(theirs, ref)
         assert err <= 2.0 * err_t + tol, (
             f"{what}: error vs float64 reference {err:.3e} > 2*torch_err({err_t:.3e}) + {tol:.3e}")
     else:
