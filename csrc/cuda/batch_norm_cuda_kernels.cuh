@@ -99,8 +99,8 @@ __device__ __forceinline__ void merge_over_rows(Partial* smem, int tx, int ty, i
 // from the shift (e.g. a zero-padded first element of a 1e4-mean channel).
 // Reducers load kInputs raw vectors per position (load_raw) and turn them into
 // VEC Values (unpack), so a kernel can keep the raw vectors on chip; add takes
-// one value, add_run VEC values of one channel, add_row one value of each of
-// VEC channels.
+// one value, add_run a run of values of one channel (run_vectors<VEC>() vectors
+// of a thread gathered), add_row one value of each of VEC channels.
 template <typename scalar_t_>
 struct StatsReducer {
   using scalar_t = scalar_t_;
@@ -132,28 +132,34 @@ struct StatsReducer {
   __device__ void add(State& s, const Context&, const Value& v) const {
     welford_add(s, v);
   }
-  // VEC values of one channel: their own (count, mean, M2), then one Chan merge.
-  // NB: one division per vector instead of one per value; VEC is a power of two,
-  // so the run's mean is its sum scaled exactly. As accurate as welford_add on
-  // 1e4-mean data (float32 emulation: variance error 1.9e-5 vs 6.2e-5).
+  // Vectors of one channel a thread gathers into one add_run: 4 scalars, or 1 vector.
   template <int VEC>
-  __device__ void add_run(State& s, const Context& ctx, const Value (&v)[VEC]) const {
-    if constexpr (VEC == 1) {
+  static constexpr int run_vectors() {
+    return VEC == 1 ? 4 : 1;
+  }
+  // R values of one channel: their own (count, mean, M2), then one Chan merge.
+  // NB: one division per run instead of one per value; R is a power of two, so
+  // the run's mean is its sum scaled exactly. As accurate as welford_add on
+  // 1e4-mean data (float32 emulation: variance error 1.9e-5 vs 6.2e-5).
+  template <int R>
+  __device__ void add_run(State& s, const Context& ctx, const Value (&v)[R]) const {
+    static_assert((R & (R - 1)) == 0, "run length must be a power of two");
+    if constexpr (R == 1) {
       add(s, ctx, v[0]);
     } else {
       acc_t sum = acc_t(0);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
+      for (int k = 0; k < R; ++k) {
         sum += v[k];
       }
-      const acc_t mean = sum * (acc_t(1) / acc_t(VEC));
+      const acc_t mean = sum * (acc_t(1) / acc_t(R));
       acc_t m2 = acc_t(0);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
+      for (int k = 0; k < R; ++k) {
         const acc_t d = v[k] - mean;
         m2 += d * d;
       }
-      s = welford_merge(s, State{acc_t(VEC), mean, m2});
+      s = welford_merge(s, State{acc_t(R), mean, m2});
     }
   }
   // One value per channel into VEC channels' states, which all hold the same
@@ -217,9 +223,13 @@ struct GradReducer {
     s.sum_dy_xmu += v.dy * (v.x - m);
   }
   template <int VEC>
-  __device__ void add_run(State& s, const Context& m, const Value (&v)[VEC]) const {
+  static constexpr int run_vectors() {
+    return 1;
+  }
+  template <int R>
+  __device__ void add_run(State& s, const Context& m, const Value (&v)[R]) const {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
+    for (int k = 0; k < R; ++k) {
       add(s, m, v[k]);
     }
   }
@@ -246,11 +256,14 @@ using RawVec = Vec<typename Reducer::scalar_t, VEC>;
 // channel c's N*L values; [M, C] segment (tile, split) is a 1/splits share of
 // the rows of a tile of blockDim.x * VEC channels.
 
-// Calls f(m, i) for each vector thread `tid` of `T` owns in [N, C, L] segment
-// (c, split): i is the flat index of its first element, m its ordinal.
-template <int VEC, typename index_t, typename F>
-__device__ __forceinline__ void for_each_vector_nchw(
-    index_t N, index_t C, index_t L, index_t c, index_t split, index_t splits, int tid, int T, const F& f) {
+// Visits the vectors thread `tid` of `T` owns in [N, C, L] segment (c, split),
+// all of channel c, in order: f_group(m, i[G]) for G at a time while G remain,
+// then f(m, i) for each of the rest; i is the flat index of a vector's first
+// element, m the ordinal of the (first) vector.
+template <int VEC, int G, typename index_t, typename FG, typename F>
+__device__ __forceinline__ void for_each_vector_group_nchw(
+    index_t N, index_t C, index_t L, index_t c, index_t split, index_t splits, int tid, int T,
+    const FG& f_group, const F& f) {
   const index_t vectors = N * L / VEC;
   const index_t per_split = (vectors + splits - 1) / splits;
   const index_t v0 = split * per_split;
@@ -265,15 +278,37 @@ __device__ __forceinline__ void for_each_vector_nchw(
   const index_t step_l = step - step_n * L;
   index_t n = v * VEC / L;
   index_t l = v * VEC - n * L;
-  for (int m = 0; v < v1; v += T, ++m) {
-    f(m, (n * C + c) * L + l);
+  const auto next = [&]() {
     n += step_n;
     l += step_l;
     if (l >= L) {
       l -= L;
       ++n;
     }
+  };
+  int m = 0;
+  if constexpr (G > 1) {
+    for (; v1 - v > static_cast<index_t>(G - 1) * T; v += static_cast<index_t>(G) * T, m += G) {
+      index_t i[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        i[g] = (n * C + c) * L + l;
+        next();
+      }
+      f_group(m, i);
+    }
   }
+  for (; v < v1; v += T, ++m) {
+    f(m, (n * C + c) * L + l);
+    next();
+  }
+}
+
+// for_each_vector_group_nchw one vector at a time.
+template <int VEC, typename index_t, typename F>
+__device__ __forceinline__ void for_each_vector_nchw(
+    index_t N, index_t C, index_t L, index_t c, index_t split, index_t splits, int tid, int T, const F& f) {
+  for_each_vector_group_nchw<VEC, 1>(N, C, L, c, split, splits, tid, T, f, f);
 }
 
 // Calls f(m, i) for each row thread row `ty` of `TY` owns in [M, C] segment
@@ -307,16 +342,36 @@ __device__ __forceinline__ void reduce_segment_nchw(
     typename Reducer::Partial* smem,
     typename Reducer::Partial* partials,
     const Visit& visit) {
+  using Value = typename Reducer::Value;
+  constexpr int G = Reducer::template run_vectors<VEC>();
   const auto ctx = r.context(c);
   auto state = Reducer::init();
-  for_each_vector_nchw<VEC>(N, C, L, c, split, splits, threadIdx.x, blockDim.x, [&](int m, index_t i) {
+  const auto load = [&](int m, index_t i, Value (&vals)[VEC]) {
     RawVec<Reducer, VEC> raw[Reducer::kInputs];
     r.template load_raw<VEC>(i, raw);
     visit(m, raw);
-    typename Reducer::Value vals[VEC];
     Reducer::template unpack<VEC>(raw, vals);
-    r.template add_run<VEC>(state, ctx, vals);
-  });
+  };
+  for_each_vector_group_nchw<VEC, G>(
+      N, C, L, c, split, splits, threadIdx.x, blockDim.x,
+      [&](int m, const index_t (&i)[G]) {
+        Value run[G * VEC];
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          Value vals[VEC];
+          load(m + g, i[g], vals);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            run[g * VEC + k] = vals[k];
+          }
+        }
+        r.template add_run<G * VEC>(state, ctx, run);
+      },
+      [&](int m, index_t i) {
+        Value vals[VEC];
+        load(m, i, vals);
+        r.template add_run<VEC>(state, ctx, vals);
+      });
   smem[threadIdx.x] = Reducer::finish(state);
   merge_over_rows<Reducer>(smem, 0, threadIdx.x, 1, blockDim.x);
   if (threadIdx.x == 0) {
