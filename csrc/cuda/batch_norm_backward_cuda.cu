@@ -1,7 +1,7 @@
 // CUDA backward ops. Training backward: the single-read kernel when dy and x
 // fit on chip, else per-channel gradient sums (one read of dy and x, split
 // over the whole GPU, merged in a fixed order) and the vectorised input
-// gradient pass.
+// gradient pass. Eval backward: one pass, dx written as the sums read dy.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -14,8 +14,9 @@ namespace cuda {
 namespace {
 
 // sum_dy and sum_dy_xmu ([C], acc) of dense dy and x, and, when grad_weight is
-// given, grad_weight = sum_dy_xmu * invstd and grad_bias = sum_dy.
-template <typename scalar_t, typename param_t>
+// given, grad_weight = sum_dy_xmu * invstd and grad_bias = sum_dy; `visit`
+// sees every vector of dy and x loaded (its pointers aligned as `visit_aligned`).
+template <typename scalar_t, typename param_t, typename Visit = IgnoreLoaded>
 void grad_sums(
     const Tensor& dy,
     const Tensor& x,
@@ -25,13 +26,16 @@ void grad_sums(
     Tensor& sum_dy_xmu,
     const Tensor& invstd,
     const OptTensor& grad_weight,
-    const OptTensor& grad_bias) {
+    const OptTensor& grad_bias,
+    const Visit& visit = Visit{},
+    bool visit_aligned = true) {
   using acc_t = acc_type<scalar_t>;
   const GradReducer<scalar_t> reducer{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>()};
-  const bool aligned = is_aligned16(dy.const_data_ptr()) && is_aligned16(x.const_data_ptr());
+  const bool aligned = is_aligned16(dy.const_data_ptr()) && is_aligned16(x.const_data_ptr()) && visit_aligned;
   Tensor partials;
   int64_t splits;
-  std::tie(partials, splits) = launch_channel_reduce<GradReducer<scalar_t>, scalar_t>(reducer, s, aligned, sum_dy.options());
+  std::tie(partials, splits) =
+      launch_channel_reduce<GradReducer<scalar_t>, scalar_t>(reducer, s, aligned, sum_dy.options(), visit);
   const unsigned blocks = static_cast<unsigned>((s.C + kBlockSize - 1) / kBlockSize);
   finalize_grad_kernel<acc_t, param_t><<<blocks, kBlockSize, 0, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const GradSums<acc_t>*>(partials.const_data_ptr<acc_t>()),
@@ -196,10 +200,19 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
     if (training && single_read_backward<scalar_t, param_t>(dy, x, dx, s, mean, invstd, w, grad_weight, grad_bias)) {
       return;
     }
+    // Eval: dx = dy * dy_scale, written by the reduction as it reads dy.
+    const EvalGradInputVisit<scalar_t, param_t> eval_dx{
+        {dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
+         {mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), opt_ptr<param_t>(w), nullptr, nullptr, nullptr}}};
     // grad_weight/grad_bias come out in the weight's dtype (acc when no weight).
     const auto run = [&](auto grad_tag) {
       using grad_t = decltype(grad_tag);
-      grad_sums<scalar_t, grad_t>(dy, x, s, mean, sum_dy, sum_dy_xmu, invstd, grad_weight, grad_bias);
+      if (training) {
+        grad_sums<scalar_t, grad_t>(dy, x, s, mean, sum_dy, sum_dy_xmu, invstd, grad_weight, grad_bias);
+      } else {
+        grad_sums<scalar_t, grad_t>(dy, x, s, mean, sum_dy, sum_dy_xmu, invstd, grad_weight, grad_bias, eval_dx,
+                                    is_aligned16(dx.const_data_ptr()));
+      }
     };
     if (grad_weight.scalar_type() == acc) {
       run(acc_t{});
@@ -212,11 +225,6 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
           mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), opt_ptr<param_t>(w),
           sum_dy.const_data_ptr<acc_t>(), sum_dy_xmu.const_data_ptr<acc_t>(), n.const_data_ptr<acc_t>()};
       grad_input<scalar_t, decltype(coeffs), true>(dy, x, dx, s, coeffs);
-    } else {
-      const BackwardCoeffLoader<acc_t, param_t, false> coeffs{
-          mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), opt_ptr<param_t>(w),
-          nullptr, nullptr, nullptr};
-      grad_input<scalar_t, decltype(coeffs), false>(dy, x, dx, s, coeffs);
     }
   });
   return {dx, grad_weight, grad_bias};

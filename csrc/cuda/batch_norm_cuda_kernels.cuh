@@ -329,7 +329,8 @@ __device__ __forceinline__ void for_each_vector_cl(
 }
 
 // Reduces [N, C, L] segment (c, split) over a 1-D block into
-// partials[c * splits + split]; visit(m, raw) sees every vector loaded.
+// partials[c * splits + split]; visit(m, i, ch, raw) sees every vector loaded
+// (ch: its elements' channels, here all c).
 template <typename Reducer, int VEC, typename index_t, typename Visit>
 __device__ __forceinline__ void reduce_segment_nchw(
     const Reducer& r,
@@ -346,10 +347,15 @@ __device__ __forceinline__ void reduce_segment_nchw(
   constexpr int G = Reducer::template run_vectors<VEC>();
   const auto ctx = r.context(c);
   auto state = Reducer::init();
+  index_t ch[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    ch[k] = c;
+  }
   const auto load = [&](int m, index_t i, Value (&vals)[VEC]) {
     RawVec<Reducer, VEC> raw[Reducer::kInputs];
     r.template load_raw<VEC>(i, raw);
-    visit(m, raw);
+    visit(m, i, ch, raw);
     Reducer::template unpack<VEC>(raw, vals);
   };
   for_each_vector_group_nchw<VEC, G>(
@@ -381,7 +387,8 @@ __device__ __forceinline__ void reduce_segment_nchw(
 
 // Reduces [M, C] segment (tile, split) over a (TX, TY) block: thread (tx, ty)
 // owns VEC consecutive channels and strides over rows; per channel, partials
-// are merged over ty and written to partials[channel * splits + split].
+// are merged over ty and written to partials[channel * splits + split];
+// visit(m, i, ch, raw) as for reduce_segment_nchw (ch: c0 .. c0 + VEC - 1).
 template <typename Reducer, int VEC, typename index_t, typename Visit>
 __device__ __forceinline__ void reduce_segment_cl(
     const Reducer& r,
@@ -400,9 +407,11 @@ __device__ __forceinline__ void reduce_segment_cl(
   const index_t c0 = (tile * TX + tx) * VEC;
   typename Reducer::State state[VEC];
   typename Reducer::Context ctx[VEC];
+  index_t ch[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
     state[k] = Reducer::init();
+    ch[k] = c0 + k;
     if (c0 + k < C) {
       ctx[k] = r.context(c0 + k);
     }
@@ -410,7 +419,7 @@ __device__ __forceinline__ void reduce_segment_cl(
   for_each_vector_cl(M, C, c0, split, splits, ty, TY, [&](int m, index_t i) {
     RawVec<Reducer, VEC> raw[Reducer::kInputs];
     r.template load_raw<VEC>(i, raw);
-    visit(m, raw);
+    visit(m, i, ch, raw);
     typename Reducer::Value vals[VEC];
     Reducer::template unpack<VEC>(raw, vals);
     r.template add_row<VEC>(state, ctx, vals);
@@ -426,36 +435,38 @@ __device__ __forceinline__ void reduce_segment_cl(
 }
 
 struct IgnoreLoaded {
-  template <typename Raw>
-  __device__ void operator()(int, const Raw&) const {}
+  template <typename index_t, typename Channels, typename Raw>
+  __device__ void operator()(int, index_t, const Channels&, const Raw&) const {}
 };
 
 // [N, C, L] reduction: block (c = blockIdx.x, split = blockIdx.y) reduces its
 // segment into partials[c * splits + split].
 // VEC > 1 needs L % VEC == 0 and 16-byte aligned data.
-template <typename Reducer, int VEC, typename index_t>
+template <typename Reducer, typename Visit, int VEC, typename index_t>
 __global__ void __launch_bounds__(kBlockSize) channel_reduce_nchw_kernel(
     Reducer r,
+    Visit visit,
     index_t N,
     index_t C,
     index_t L,
     typename Reducer::Partial* partials) {
   __shared__ typename Reducer::Partial smem[kBlockSize];
   reduce_segment_nchw<Reducer, VEC, index_t>(
-      r, N, C, L, blockIdx.x, blockIdx.y, gridDim.y, smem, partials, IgnoreLoaded{});
+      r, N, C, L, blockIdx.x, blockIdx.y, gridDim.y, smem, partials, visit);
 }
 
 // [M, C] reduction (channels innermost): block (tile = blockIdx.x, split =
 // blockIdx.y) reduces its segment.
 // VEC > 1 needs C % VEC == 0 and 16-byte aligned data.
-template <typename Reducer, int VEC, typename index_t>
+template <typename Reducer, typename Visit, int VEC, typename index_t>
 __global__ void __launch_bounds__(kBlockSize) channel_reduce_cl_kernel(
     Reducer r,
+    Visit visit,
     index_t M,
     index_t C,
     typename Reducer::Partial* partials) {
   __shared__ typename Reducer::Partial smem[kBlockSize];
-  reduce_segment_cl<Reducer, VEC, index_t>(r, M, C, blockIdx.x, blockIdx.y, gridDim.y, smem, partials, IgnoreLoaded{});
+  reduce_segment_cl<Reducer, VEC, index_t>(r, M, C, blockIdx.x, blockIdx.y, gridDim.y, smem, partials, visit);
 }
 
 // Splits per reduction unit (channel or channel tile) so that `units` * splits
@@ -493,13 +504,16 @@ std::pair<Tensor, Partial*> new_partials(int64_t C, int64_t splits, const at::Te
 }
 
 // Launches the reduction of `r` over a dense input of shape s into a new
-// [C, splits] partials tensor (acc dtype, Partial-sized elements).
-template <typename Reducer, typename scalar_t>
+// [C, splits] partials tensor (acc dtype, Partial-sized elements); `visit`
+// sees every vector loaded (see reduce_segment_nchw). `vectorizable`: every
+// pointer of r and visit is 16-byte aligned.
+template <typename Reducer, typename scalar_t, typename Visit = IgnoreLoaded>
 std::pair<Tensor, int64_t> launch_channel_reduce(
     const Reducer& r,
     const BatchNormShape& s,
     bool vectorizable,
-    const at::TensorOptions& acc_options) {
+    const at::TensorOptions& acc_options,
+    const Visit& visit = Visit{}) {
   using Partial = typename Reducer::Partial;
   using acc_t = acc_type<scalar_t>;
   constexpr int kVec = vec_size<scalar_t>();
@@ -513,8 +527,8 @@ std::pair<Tensor, int64_t> launch_channel_reduce(
     auto [partials, out] = new_partials<Partial, acc_t>(s.C, splits, acc_options);
     const dim3 grid(static_cast<unsigned>(s.C), static_cast<unsigned>(splits));
 #define BNORM_EXT_LAUNCH_NCHW(VEC, index_t) \
-  channel_reduce_nchw_kernel<Reducer, VEC, index_t><<<grid, kBlockSize, 0, stream>>>( \
-      r, static_cast<index_t>(s.N), static_cast<index_t>(s.C), static_cast<index_t>(s.L), out)
+  channel_reduce_nchw_kernel<Reducer, Visit, VEC, index_t><<<grid, kBlockSize, 0, stream>>>( \
+      r, visit, static_cast<index_t>(s.N), static_cast<index_t>(s.C), static_cast<index_t>(s.L), out)
     if (vec && use32) {
       BNORM_EXT_LAUNCH_NCHW(kVec, int32_t);
     } else if (vec) {
@@ -537,8 +551,8 @@ std::pair<Tensor, int64_t> launch_channel_reduce(
   const dim3 grid(static_cast<unsigned>(shape.tiles), static_cast<unsigned>(splits));
   const dim3 block(shape.tx, shape.ty);
 #define BNORM_EXT_LAUNCH_CL(VEC, index_t) \
-  channel_reduce_cl_kernel<Reducer, VEC, index_t><<<grid, block, 0, stream>>>( \
-      r, static_cast<index_t>(M), static_cast<index_t>(s.C), out)
+  channel_reduce_cl_kernel<Reducer, Visit, VEC, index_t><<<grid, block, 0, stream>>>( \
+      r, visit, static_cast<index_t>(M), static_cast<index_t>(s.C), out)
   if (vec && use32) {
     BNORM_EXT_LAUNCH_CL(kVec, int32_t);
   } else if (vec) {
@@ -804,11 +818,17 @@ struct BackwardOp {
 
   template <int VEC, typename index_t>
   __device__ void apply(index_t i, const index_t (&ch)[VEC]) const {
-    acc_t g[VEC], in[VEC], out[VEC];
+    acc_t g[VEC], in[VEC];
     load_acc<VEC>(dy, i, g);
     if constexpr (kTrain) {
       load_acc<VEC>(x, i, in);
     }
+    apply_values<VEC>(i, ch, g, in);
+  }
+  // dx at i from dy (g) and, for kTrain, x (in) already loaded.
+  template <int VEC, typename index_t>
+  __device__ void apply_values(index_t i, const index_t (&ch)[VEC], const acc_t (&g)[VEC], const acc_t (&in)[VEC]) const {
+    acc_t out[VEC];
     BackwardCoeffs<acc_t> k = coeffs(ch[0]);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
@@ -818,6 +838,25 @@ struct BackwardOp {
       out[j] = kTrain ? backward_apply(k, g[j], in[j]) : g[j] * k.dy_scale;
     }
     store_from_acc<VEC>(dx, i, out);
+  }
+};
+
+// Visit for the eval-mode gradient sums: writes dx = dy * dy_scale from the dy
+// the reduction has just loaded (mean and invstd are constants in eval mode),
+// so the eval backward reads dy and x once and writes dx, 3s instead of 5s.
+template <typename scalar_t, typename param_t>
+struct EvalGradInputVisit {
+  using acc_t = acc_type<scalar_t>;
+  BackwardOp<scalar_t, BackwardCoeffLoader<acc_t, param_t, false>, false> op;
+
+  template <typename index_t, int VEC>
+  __device__ void operator()(int, index_t i, const index_t (&ch)[VEC], const Vec<scalar_t, VEC> (&raw)[2]) const {
+    acc_t g[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      g[k] = static_cast<acc_t>(raw[0].v[k]); // raw[0] is dy (GradReducer)
+    }
+    op.template apply_values<VEC>(i, ch, g, g);
   }
 };
 

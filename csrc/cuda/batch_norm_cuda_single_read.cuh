@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(kBlockSize, (single_read_blocks_per_sm<VEC, kC
   const auto block_state = e.begin();
   int j = 0;
   for (index_t seg = blockIdx.x; seg < segments; seg += gridDim.x, ++j) {
-    const auto keep = [&](int m, const Raw (&raw)[kIn]) {
+    const auto keep = [&](int m, index_t, const index_t (&)[VEC], const Raw (&raw)[kIn]) {
 #pragma unroll
       for (int p = 0; p < kIn; ++p) {
         kept_at(j, m, p) = raw[p];
