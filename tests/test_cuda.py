@@ -405,3 +405,59 @@ def test_cuda_graph_capture(memory_format, cuda_path):
     torch.testing.assert_close(graphed.running_mean, eager.running_mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(graphed.running_var, eager.running_var, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out, out_e, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# numerics on both paths: large mean (cancellation), values near the float32 maximum
+# ---------------------------------------------------------------------------
+NUMERICS_SHAPES = [
+    pytest.param((16, 8, 7, 7), id="7x7"),  # NCHW loads scalars (49 % 4 != 0)
+    pytest.param((16, 8, 8, 8), id="8x8"),  # 16-byte vectors
+]
+
+
+@pytest.mark.parametrize("shape", NUMERICS_SHAPES)
+@pytest.mark.parametrize("memory_format", memory_formats)
+def test_cuda_large_mean_no_worse_than_torch(memory_format, shape, cuda_path):
+    """1e4 + N(0, 1) in float32 breaks E[x^2] - E[x]^2; ours must stay within 2x torch's
+    own float32 CUDA error (plus about an ulp) against float64."""
+    C, eps = shape[1], 1e-5
+    x = (1e4 + torch.randn(shape, dtype=torch.float64)).float().contiguous(memory_format=memory_format).to(DEV)
+    w = (1 + 0.5 * torch.randn(C, dtype=torch.float64)).float().to(DEV)
+    b = torch.randn(C, dtype=torch.float64).float().to(DEV)
+    rm0, rv0 = torch.zeros(C, device=DEV), torch.ones(C, device=DEV)
+    xd = x.double().cpu()
+    out_r, mean_r, invstd_r = torch.native_batch_norm(xd, w.double().cpu(), b.double().cpu(), rm0.double().cpu(),
+                                                      rv0.double().cpu(), True, 0.1, eps)
+    rm_t, rv_t = rm0.clone(), rv0.clone()
+    out_t, mean_t, invstd_t = torch.native_batch_norm(x, w, b, rm_t, rv_t, True, 0.1, eps)
+    rm_o, rv_o = rm0.clone(), rv0.clone()
+    out_o, mean_o, invstd_o = ops.batch_norm_forward_train(x, w, b, rm_o, rv_o, None, 0.1, eps)
+    n = x.numel() // C
+    var_r = xd.transpose(0, 1).reshape(C, -1).var(1, unbiased=True)
+    rv_r = 0.9 + 0.1 * var_r
+    for name, o, t, r, tiny in [("output", out_o, out_t, out_r, 1e-6), ("save_mean", mean_o, mean_t, mean_r, 1e-3),
+                                ("save_invstd", invstd_o, invstd_t, invstd_r, 1e-6),
+                                ("running_var", rv_o, rv_t, rv_r, 1e-7)]:
+        assert torch.isfinite(o).all(), f"{name} not finite"
+        e_o, e_t = _err_vs(o, r), _err_vs(t, r)
+        assert e_o <= 2 * e_t + tiny, f"{name}: ours {e_o:.3e} vs torch {e_t:.3e} (n={n})"
+
+
+def _err_vs(a, ref):
+    return (a.detach().double().cpu() - ref.detach().double().cpu()).abs().max().item()
+
+
+@pytest.mark.parametrize("shape", NUMERICS_SHAPES)
+@pytest.mark.parametrize("memory_format", memory_formats)
+def test_cuda_near_float32_max(memory_format, shape, cuda_path):
+    """Values of 3e38 (a sum of two overflows float32): mean 3e38, variance 0, output = bias;
+    never inf or NaN."""
+    C = shape[1]
+    x = torch.full(shape, 3e38, dtype=torch.float32, device=DEV).contiguous(memory_format=memory_format)
+    b = torch.linspace(-1, 1, C, device=DEV)
+    out, mean, invstd = ops.batch_norm_forward_train(x, None, b, None, None, None, 0.1, 1e-5)
+    assert torch.isfinite(mean).all() and torch.isfinite(invstd).all() and torch.isfinite(out).all()
+    torch.testing.assert_close(mean, torch.full_like(mean, 3e38), rtol=1e-6, atol=0)
+    torch.testing.assert_close(invstd, torch.full_like(invstd, 1e-5 ** -0.5), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out, b.view(1, C, 1, 1).expand(shape), rtol=0, atol=1e-6)

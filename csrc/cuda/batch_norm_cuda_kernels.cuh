@@ -138,21 +138,21 @@ struct StatsReducer {
     return VEC == 1 ? 4 : 1;
   }
   // R values of one channel: their own (count, mean, M2), then one Chan merge.
-  // NB: one division per run instead of one per value; R is a power of two, so
-  // the run's mean is its sum scaled exactly. As accurate as welford_add on
-  // 1e4-mean data (float32 emulation: variance error 1.9e-5 vs 6.2e-5).
+  // NB: one division per run instead of one per value. As accurate as
+  // welford_add on 1e4-mean data (float32 emulation: variance error 1.9e-5 vs 6.2e-5).
   template <int R>
   __device__ void add_run(State& s, const Context& ctx, const Value (&v)[R]) const {
     static_assert((R & (R - 1)) == 0, "run length must be a power of two");
     if constexpr (R == 1) {
       add(s, ctx, v[0]);
     } else {
-      acc_t sum = acc_t(0);
+      // NB: each value scaled by 1/R before the sum (exact, R a power of two), so
+      // values near the float maximum do not overflow a sum of R of them.
+      acc_t mean = acc_t(0);
 #pragma unroll
       for (int k = 0; k < R; ++k) {
-        sum += v[k];
+        mean += v[k] * (acc_t(1) / acc_t(R));
       }
-      const acc_t mean = sum * (acc_t(1) / acc_t(R));
       acc_t m2 = acc_t(0);
 #pragma unroll
       for (int k = 0; k < R; ++k) {
