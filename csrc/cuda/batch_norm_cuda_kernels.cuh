@@ -311,7 +311,7 @@ __device__ __forceinline__ void for_each_vector_nchw(
   for_each_vector_group_nchw<VEC, 1>(N, C, L, c, split, splits, tid, T, f, f);
 }
 
-// Calls f(m, i) for each row thread row `ty` of `TY` owns in [M, C] segment
+// Calls f(m, i) for each row that thread row `ty` of `TY` owns in [M, C] segment
 // `split`, for the VEC channels from c0 (none when c0 >= C).
 template <typename index_t, typename F>
 __device__ __forceinline__ void for_each_vector_cl(
