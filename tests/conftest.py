@@ -273,6 +273,21 @@ def run_train_step(mod, x, dy):
     return out.detach(), gx, gw, gb
 
 
+# names of what seeded_train_step returns, in order
+STEP_NAMES = ["output", "grad_input", "grad_weight", "grad_bias", "running_mean", "running_var", "num_batches_tracked"]
+
+
+def seeded_train_step(mod, x, dy):
+    """One training step of BatchNorm module `mod` on a copy of x (gradient dy), with weight
+    and bias set from a fixed seed; returns the values named by STEP_NAMES."""
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(7)
+        mod.weight.copy_(1 + 0.5 * torch.randn(mod.num_features, generator=g))
+        mod.bias.copy_(torch.randn(mod.num_features, generator=g))
+    out, gx, gw, gb = run_train_step(mod, x.detach().clone(memory_format=torch.preserve_format), dy)
+    return [out, gx, gw, gb, mod.running_mean.clone(), mod.running_var.clone(), mod.num_batches_tracked.clone()]
+
+
 # ---------------------------------------------------------------------------
 # module parity driver (used by test_parity.py and test_cuda.py)
 # ---------------------------------------------------------------------------

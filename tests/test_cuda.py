@@ -6,7 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
-from conftest import check_parity, dtypes, memory_formats, randn_shifted
+from conftest import STEP_NAMES as NAMES
+from conftest import check_parity, dtypes, max_abs_err, memory_formats, randn_shifted, seeded_train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 
@@ -116,19 +117,7 @@ def test_cuda_gradcheck(memory_format, training, cuda_path):
 # determinism and streams
 # ---------------------------------------------------------------------------
 def _run_once(x, dy, C, param_dtype):
-    m = bnorm_ext.BatchNorm2d(C).to(DEV, param_dtype)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(7)
-        m.weight.copy_(1 + 0.5 * torch.randn(C, generator=g))
-        m.bias.copy_(torch.randn(C, generator=g))
-    xi = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
-    out = m(xi)
-    out.backward(dy)
-    return [out.detach(), xi.grad, m.weight.grad, m.bias.grad, m.running_mean.clone(), m.running_var.clone(),
-            m.num_batches_tracked.clone()]
-
-
-NAMES = ["output", "grad_input", "grad_weight", "grad_bias", "running_mean", "running_var", "num_batches_tracked"]
+    return seeded_train_step(bnorm_ext.BatchNorm2d(C).to(DEV, param_dtype), x, dy)
 
 
 @pytest.mark.parametrize("memory_format", memory_formats)
@@ -172,15 +161,7 @@ def test_cuda_non_zero_device_index(memory_format, cuda_path):
     dy = torch.randn(shape, device=DEV).contiguous(memory_format=memory_format)
     expected = _run_once(x, dy, shape[1], torch.float32)
     torch.cuda.set_device(0)
-    m = bnorm_ext.BatchNorm2d(shape[1]).to("cuda:1")
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(7)
-        m.weight.copy_(1 + 0.5 * torch.randn(shape[1], generator=g))
-        m.bias.copy_(torch.randn(shape[1], generator=g))
-    x1 = x.to("cuda:1").requires_grad_()
-    out = m(x1)
-    out.backward(dy.to("cuda:1"))
-    got = [out.detach(), x1.grad, m.weight.grad, m.bias.grad, m.running_mean, m.running_var, m.num_batches_tracked]
+    got = seeded_train_step(bnorm_ext.BatchNorm2d(shape[1]).to("cuda:1"), x.to("cuda:1"), dy.to("cuda:1"))
     assert torch.cuda.current_device() == 0
     for name, a, b in zip(NAMES, expected, got):
         assert b.device == torch.device("cuda:1"), f"{name} on {b.device}"
@@ -358,21 +339,12 @@ def test_cuda_single_read_matches_two_pass(dtype, memory_format, shape, monkeypa
             assert a.item() == b.item() == 1
             continue
         torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name} single-read vs two-pass: {m}")
-        err_a = (a.double().cpu() - r).abs().max().item()
-        err_b = (b.double().cpu() - r).abs().max().item()
+        err_a, err_b = max_abs_err(a, r), max_abs_err(b, r)
         assert err_a <= 2 * err_b + tol["atol"], f"{name}: single-read error {err_a:.3e} vs two-pass {err_b:.3e}"
 
 
 def _run_once_reference(x, dy, C):
-    m = torch.nn.BatchNorm2d(C).double()
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(7)
-        m.weight.copy_(1 + 0.5 * torch.randn(C, generator=g))
-        m.bias.copy_(torch.randn(C, generator=g))
-    xi = x.detach().cpu().double().requires_grad_()
-    out = m(xi)
-    out.backward(dy.cpu().double())
-    return [out.detach(), xi.grad, m.weight.grad, m.bias.grad, m.running_mean, m.running_var, m.num_batches_tracked]
+    return seeded_train_step(torch.nn.BatchNorm2d(C).double(), x.cpu().double(), dy.cpu().double())
 
 
 @pytest.mark.parametrize("memory_format", memory_formats)
@@ -440,12 +412,8 @@ def test_cuda_large_mean_no_worse_than_torch(memory_format, shape, cuda_path):
                                 ("save_invstd", invstd_o, invstd_t, invstd_r, 1e-6),
                                 ("running_var", rv_o, rv_t, rv_r, 1e-7)]:
         assert torch.isfinite(o).all(), f"{name} not finite"
-        e_o, e_t = _err_vs(o, r), _err_vs(t, r)
+        e_o, e_t = max_abs_err(o, r), max_abs_err(t, r)
         assert e_o <= 2 * e_t + tiny, f"{name}: ours {e_o:.3e} vs torch {e_t:.3e} (n={n})"
-
-
-def _err_vs(a, ref):
-    return (a.detach().double().cpu() - ref.detach().double().cpu()).abs().max().item()
 
 
 @pytest.mark.parametrize("shape", NUMERICS_SHAPES)

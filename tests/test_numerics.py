@@ -6,13 +6,10 @@ import pytest
 import torch
 
 import bnorm_ext
-from conftest import memory_formats
+from conftest import STEP_NAMES as NAMES
+from conftest import max_abs_err, memory_formats, seeded_train_step
 
 ops = torch.ops.bnorm_ext
-
-
-def _err(a, ref):
-    return (a.double() - ref.double()).abs().max().item()
 
 
 # ---------------------------------------------------------------------------
@@ -52,7 +49,7 @@ def test_cancellation_float32_no_worse_than_torch(memory_format, seed):
     msgs = []
     for name, o, t, r, tiny in checks:
         assert not torch.isnan(o).any(), name
-        e_o, e_t = _err(o, r), _err(t, r)
+        e_o, e_t = max_abs_err(o, r), max_abs_err(t, r)
         if not e_o <= e_t * 1.05 + tiny:
             msgs.append(f"{name}: ours {e_o:.3e} > torch {e_t:.3e} * 1.05 + {tiny:.1e}")
     assert not msgs, "; ".join(msgs)
@@ -62,9 +59,9 @@ def test_cancellation_float32_no_worse_than_torch(memory_format, seed):
     with torch.no_grad():
         m.weight.copy_(w), m.bias.copy_(b), m.running_mean.copy_(rm0), m.running_var.copy_(rv0)
     y = m(x)
-    e_o, e_t = _err(y, out_r), _err(out_t, out_r)
+    e_o, e_t = max_abs_err(y, out_r), max_abs_err(out_t, out_r)
     assert e_o <= e_t * 1.05 + 1e-6, f"module output: ours {e_o:.3e} vs torch {e_t:.3e}"
-    e_o, e_t = _err(m.running_var, rv_r), _err(rv_t, rv_r)
+    e_o, e_t = max_abs_err(m.running_var, rv_r), max_abs_err(rv_t, rv_r)
     assert e_o <= e_t * 1.05 + 1e-7, f"module running_var: ours {e_o:.3e} vs torch {e_t:.3e}"
 
 
@@ -95,24 +92,15 @@ def test_large_mean_float64():
         # legitimately a little worse, so allow 1e-9 absolute on O(1) quantities (1e-15 relative
         # for the mean).  A naive E[x^2]-E[x]^2 kernel is off by ~1e-4 here and fails.
         tiny = 1e-9
-        e_o, e_t = _err(o, r), _err(t, r)
+        e_o, e_t = max_abs_err(o, r), max_abs_err(t, r)
         assert e_o <= e_t * 1.05 + tiny, f"{name}: ours {e_o:.3e} > torch {e_t:.3e} * 1.05 + {tiny:.0e}"
 
 
 # ---------------------------------------------------------------------------
 # bitwise determinism
 # ---------------------------------------------------------------------------
-def _run_once(x, dy, dtype, memory_format, C):
-    m = bnorm_ext.BatchNorm2d(C).to(dtype)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(7)
-        m.weight.copy_(1 + 0.5 * torch.randn(C, generator=g))
-        m.bias.copy_(torch.randn(C, generator=g))
-    xi = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
-    out = m(xi)
-    out.backward(dy)
-    return [out.detach(), xi.grad, m.weight.grad, m.bias.grad, m.running_mean.clone(), m.running_var.clone(),
-            m.num_batches_tracked.clone()]
+def _run_once(x, dy, dtype, C):
+    return seeded_train_step(bnorm_ext.BatchNorm2d(C).to(dtype), x, dy)
 
 
 DET_CASES = [
@@ -121,7 +109,6 @@ DET_CASES = [
     pytest.param(torch.bfloat16, torch.contiguous_format, id="bfloat16-contiguous"),
     pytest.param(torch.float16, torch.channels_last, id="float16-channels_last"),
 ]
-NAMES = ["output", "grad_input", "grad_weight", "grad_bias", "running_mean", "running_var", "num_batches_tracked"]
 
 
 def _make_det_input(dtype, memory_format, shape):
@@ -134,7 +121,7 @@ def _make_det_input(dtype, memory_format, shape):
 def test_bitwise_determinism_repeated_runs(dtype, memory_format):
     shape = (16, 32, 24, 24)
     x, dy = _make_det_input(dtype, memory_format, shape)
-    results = [_run_once(x, dy, dtype, memory_format, shape[1]) for _ in range(3)]
+    results = [_run_once(x, dy, dtype, shape[1]) for _ in range(3)]
     for run in results[1:]:
         for name, a, b in zip(NAMES, results[0], run):
             assert a.stride() == b.stride(), name
@@ -151,7 +138,7 @@ def test_bitwise_determinism_across_thread_counts(dtype, memory_format):
     try:
         for n in counts:
             torch.set_num_threads(n)
-            results[n] = _run_once(x, dy, dtype, memory_format, shape[1])
+            results[n] = _run_once(x, dy, dtype, shape[1])
     finally:
         torch.set_num_threads(old)
     base = results[counts[0]]
