@@ -12,7 +12,7 @@ Environment switches:
 import glob
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -85,13 +85,8 @@ def _extension():
     )
 
 
+# Project metadata and the package list live in pyproject.toml; this file builds the extension.
 setup(
-    name="bnorm_ext",
-    version="0.1.0",
-    description="Fast, faithful BatchNorm kernels for PyTorch (drop-in for torch.nn.BatchNorm2d)",
-    packages=find_packages(include=["bnorm_ext", "bnorm_ext.*"]),
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
 )

@@ -2,7 +2,8 @@
 # Shared environment setup for .ci/run (tests) and benchmarks/run.sh (benchmark).
 #
 #   1. creates an isolated virtual environment (default: <repo>/.venv, override BNORM_VENV)
-#   2. installs torch==2.14.1 ninja pybind11 pytest numpy (skipped when already done)
+#   2. installs torch==2.14.1 ninja pybind11 pytest numpy, and what the ecosystem tests use:
+#      torchvision, onnx, onnxscript, onnxruntime (skipped when already done)
 #   3. exports CUDA_HOME=/usr/local/cuda when that toolkit exists
 #   4. builds bnorm_ext with `pip install --no-build-isolation -e .` (MAX_JOBS=2 by default)
 #
@@ -19,7 +20,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${BNORM_VENV:-$ROOT/.venv}"
 PY_BOOT="${PYTHON:-python3}"
-DEPS=(torch==2.14.1 ninja pybind11 pytest numpy "setuptools>=64" wheel)
+DEPS=(torch==2.14.1 ninja pybind11 pytest numpy "setuptools>=64" wheel
+      torchvision==0.29.1 onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0)
 if [[ "${CI:-}" == "true" ]]; then
   BUILD_MODE="${BNORM_BUILD:-always}"
 else
@@ -43,7 +45,7 @@ PY="$VENV/bin/python"
 # 2. dependencies -------------------------------------------------------------------------
 DEPS_STAMP="$VENV/.bnorm_ext_deps"
 if [[ -f "$DEPS_STAMP" && "$(cat "$DEPS_STAMP")" == "${DEPS[*]}" ]] \
-   && "$PY" -c 'import torch, ninja, pybind11, pytest, numpy' >/dev/null 2>&1; then
+   && "$PY" -c 'import torch, ninja, pybind11, pytest, numpy, torchvision, onnx, onnxscript, onnxruntime' >/dev/null 2>&1; then
   log "dependencies already installed (${DEPS[*]})"
 else
   log "pip install ${DEPS[*]}"
