@@ -60,7 +60,11 @@ def _extension():
         )
     use_cuda = can_cuda if want_cuda is None else want_cuda
 
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = sorted(
+        glob.glob(os.path.join("csrc", "*.cpp"))
+        + glob.glob(os.path.join("csrc", "autograd", "*.cpp"))
+        + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
+    )
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx = opt + ["-fopenmp"]
     define_macros = [("BNORM_EXT_DEBUG", None)] if debug else []

@@ -1,9 +1,21 @@
 """Drop-in BatchNorm modules: torch's classes with the forward replaced."""
 
+from typing import Optional
+
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from .functional import _batch_norm
+
+
+def _fx_leaf_call(module: nn.Module, input: fx.Proxy) -> fx.Proxy:
+    # NB: FX keeps modules from torch.nn as call_module leaves and traces into
+    # others; ours record themselves as a leaf the same way, so a traced model
+    # switches between train and eval with the module, as with torch's.
+    tracer = input.tracer
+    if module is getattr(tracer, "root", None):
+        return module._batch_norm_forward(input)  # the traced module itself: as torch's
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
 
 
 class _BatchNormForward:
@@ -11,9 +23,16 @@ class _BatchNormForward:
     # incremented inside the op, after its checks, so a call that raises leaves
     # it (and the running stats) untouched; torch increments it first.
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._batch_norm_forward(input)
+        if isinstance(input, fx.Proxy):
+            return _fx_leaf_call(self, input)
+        return self._batch_norm_forward(input)
+
+    def _batch_norm_forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        momentum = self.momentum
-        num_batches_tracked = None
+        momentum: Optional[float] = self.momentum
+        num_batches_tracked: Optional[Tensor] = None
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             num_batches_tracked = self.num_batches_tracked
         elif momentum is None:

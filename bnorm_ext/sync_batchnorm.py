@@ -19,9 +19,9 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
-from .modules import _BatchNormForward
+from .modules import _BatchNormForward, _fx_leaf_call
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormFunction"]
 
@@ -195,6 +195,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            return _fx_leaf_call(self, input)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
 
@@ -204,7 +206,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             world_size = dist.get_world_size(process_group)
             need_sync = world_size > 1
         if not need_sync:
-            return _BatchNormForward.forward(self, input)
+            return _BatchNormForward._batch_norm_forward(self, input)
 
         if self.eps <= 0.0:
             raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")

@@ -72,6 +72,14 @@ TORCH_LIBRARY(bnorm_ext, m) {
       "Tensor? running_mean, Tensor? running_var, Tensor? save_mean, "
       "Tensor? save_invstd, bool training, float eps) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // Forward-mode derivative of the forward ops (tangents of output, mean and
+  // invstd; undefined tangents are zero); mean/invstd: batch statistics when
+  // training, else running_mean and 1/sqrt(running_var + eps). A composite of
+  // ATen ops, used by the ops' autograd kernels and BatchNormFunction.jvp.
+  m.def(
+      "batch_norm_forward_jvp(Tensor input, Tensor? input_t, Tensor? weight, "
+      "Tensor? weight_t, Tensor? bias_t, Tensor mean, Tensor invstd, "
+      "bool training) -> (Tensor output_t, Tensor mean_t, Tensor invstd_t)");
   // Per-channel sum(dy) and sum(dy * (x - mean)).
   m.def(
       "batch_norm_backward_reduce(Tensor grad_out, Tensor input, Tensor mean) "

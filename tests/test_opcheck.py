@@ -15,7 +15,11 @@ OP_NAMES = [
     "batch_norm_backward",
     "batch_norm_backward_reduce",
     "batch_norm_backward_elemt",
+    "batch_norm_forward_jvp",
 ]
+# Differentiable as ops; the SyncBatchNorm building blocks raise when differentiated.
+DIFFERENTIABLE_OPS = {"batch_norm_forward_train", "batch_norm_forward_eval", "batch_norm_backward",
+                      "batch_norm_forward_jvp"}
 
 DTYPE_CASES = [
     pytest.param(torch.float64, torch.float64, id="float64"),
@@ -92,6 +96,12 @@ def make_args(name, dtype, pdt, memory_format, device, variant):
         sum_dy_xmu = (dy.double() * (xd - mean.double().view(1, C, 1, 1))).sum(dim=(0, 2, 3)).to(acc)
         counts = torch.tensor([float(x.numel() // C)], dtype=acc, device=device)
         return (dy, x, mean, invstd, None if none_params else w, sum_dy, sum_dy_xmu, counts)
+    if name == "batch_norm_forward_jvp":
+        x_t = torch.randn(SHAPE, dtype=torch.float64).to(device, dtype).contiguous(memory_format=memory_format)
+        w_t = None if none_params else torch.randn(C, dtype=torch.float64).to(device, pdt)
+        b_t = None if none_params else torch.randn(C, dtype=torch.float64).to(device, pdt)
+        training = variant != "eval"
+        return (x, x_t, None if none_params else w, w_t, b_t, mean if training else rm.to(acc), invstd, training)
     raise AssertionError(name)
 
 
@@ -104,6 +114,7 @@ VARIANTS = {
     "batch_norm_backward": ["default", "eval", "no_affine"],
     "batch_norm_backward_reduce": ["default"],
     "batch_norm_backward_elemt": ["default", "no_affine"],
+    "batch_norm_forward_jvp": ["default", "eval", "no_affine"],
 }
 VARIANT_DTYPE_IDS = ("float32", "float16-params_float32")  # non-default variants: these dtypes only
 CASES = [
@@ -134,9 +145,27 @@ def test_opcheck(device, dtype, pdt, name, variant, memory_format):
     op = _op(name)
     args = make_args(name, dtype, pdt, memory_format, device, variant)
     _run_opcheck(op, args)
-    if _has_autograd_kernel(op):
+    assert _has_autograd_kernel(op)
+    if name in DIFFERENTIABLE_OPS:
         # the op claims autograd support: also check it with inputs that require grad
         args = make_args(name, dtype, pdt, memory_format, device, variant)
         args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
                      and a.dim() == 4 else a for a in args)
         _run_opcheck(op, args)
+
+
+@pytest.mark.parametrize("name", sorted(set(OP_NAMES) - DIFFERENTIABLE_OPS))
+def test_non_differentiable_ops_raise(name):
+    # Reverse mode raises at backward, forward mode at the call: never a silent zero or None.
+    op = _op(name)
+    args = make_args(name, torch.float64, torch.float64, torch.contiguous_format, "cpu", "default")
+    index = next(i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point())
+    leaf = args[index].clone().requires_grad_()
+    out = op(*args[:index], leaf, *args[index + 1:])
+    out = out[0] if isinstance(out, tuple) else out
+    with pytest.raises(RuntimeError, match="derivative for bnorm_ext::.* is not implemented"):
+        out.sum().backward()
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(args[index], torch.ones_like(args[index]))
+        with pytest.raises(RuntimeError, match="forward AD"):
+            op(*args[:index], dual, *args[index + 1:])
