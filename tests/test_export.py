@@ -137,12 +137,19 @@ def test_onnx_export_of_every_batchnorm_rank_is_standard_batchnormalization(expo
     assert counts[("", "BatchNormalization")] >= 4, counts
 
 
+@pytest.fixture(scope="module")
+def resnet18_and_input():
+    """torchvision ResNet-18 (random init) with non-default BN stats, eval mode; tests copy it."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    x = randn_shifted((2, 3, 32, 32))
+    return with_nondefault_stats_(torchvision.models.resnet18(weights=None), (x,), steps=1), x
+
+
 @requires_onnxruntime
 @pytest.mark.parametrize("exporter", EXPORTERS)
-def test_onnx_export_of_resnet18(exporter):
-    torchvision = pytest.importorskip("torchvision")
-    x = randn_shifted((2, 3, 32, 32))
-    torch_model = with_nondefault_stats_(torchvision.models.resnet18(weights=None), (x,), steps=1)
+def test_onnx_export_of_resnet18(exporter, resnet18_and_input):
+    torch_model, x = resnet18_and_input
     ours = converted_copy(torch_model)
     # without folding BN into Conv, so that every BN is a BatchNormalization node
     options = {"optimize": False} if exporter == "dynamo" else {"do_constant_folding": False}
@@ -177,3 +184,160 @@ def test_onnx_decomposition_equals_eval_op():
         got = batch_norm_eval_as_aten(*args)
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
         assert got.stride() == expected.stride()
+
+
+# torch.ao.quantization's fusion patterns that contain a BatchNorm, e.g. (Conv2d, BatchNorm2d, ReLU)
+BN_FUSION_PATTERNS = [
+    pytest.param(types, id="-".join(t.__name__ for t in types))
+    for types in _DEFAULT_OP_LIST_TO_FUSER_METHOD
+    if any(t in TORCH_BN for t in types)
+]
+
+
+def layer_of(layer_type):
+    if layer_type is nn.Linear:
+        return nn.Linear(6, 4)
+    if layer_type in TORCH_BN:
+        return layer_type(4)
+    if layer_type is nn.ReLU:
+        return nn.ReLU()
+    return layer_type(4, 4, 3)  # Conv{1,2,3}d, ConvTranspose{1,2,3}d
+
+
+def input_for(layer_types):
+    if layer_types[0] is nn.Linear:
+        return randn_shifted((5, 6))
+    spatial = {nn.BatchNorm1d: (10,), nn.BatchNorm2d: (7, 8), nn.BatchNorm3d: (4, 5, 6)}
+    bn_type = next(t for t in layer_types if t in TORCH_BN)
+    return randn_shifted((3, 4) + spatial[bn_type])
+
+
+def module_types(model):
+    return [type(m) for m in model.modules()]
+
+
+@pytest.mark.parametrize("layer_types", BN_FUSION_PATTERNS)
+def test_fuse_modules_eval_matches_torch(layer_types):
+    x = input_for(layer_types)
+    torch_model = with_nondefault_stats_(nn.Sequential(*map(layer_of, layer_types)), (x,))
+    ours = converted_copy(torch_model)
+    names = [str(i) for i in range(len(layer_types))]
+    fused_torch = fuse_modules(torch_model, [names])
+    fused_ours = fuse_modules(ours, [names])
+    assert module_types(fused_ours) == module_types(fused_torch)
+    assert any(isinstance(m, OUR_BN) for m in ours.modules()), "inplace=False changed the model"
+    with torch.no_grad():
+        torch.testing.assert_close(fused_ours(x), fused_torch(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fused_ours(x), ours(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer_types", BN_FUSION_PATTERNS)
+def test_fuse_modules_qat_matches_torch(layer_types):
+    x = input_for(layer_types)
+    torch_model = with_nondefault_stats_(nn.Sequential(*map(layer_of, layer_types)), (x,)).train()
+    ours = converted_copy(torch_model)
+    names = [str(i) for i in range(len(layer_types))]
+    try:
+        fused_torch = fuse_modules_qat(torch_model, [names])
+    except Exception as torch_error:  # e.g. ConvTranspose + BatchNorm: not supported in QAT
+        with pytest.raises(type(torch_error)) as our_error:
+            fuse_modules_qat(ours, [names])
+        assert str(our_error.value) == str(torch_error)
+        return
+    fused_ours = fuse_modules_qat(ours, [names])
+    # torch.ao.nn.intrinsic modules hold torch's BatchNorm class, for ours as for torch's
+    assert module_types(fused_ours) == module_types(fused_torch)
+    assert any(isinstance(m, (nni.ConvBn1d, nni.ConvBn2d, nni.ConvBn3d, nni.ConvBnReLU1d, nni.ConvBnReLU2d,
+                              nni.ConvBnReLU3d, nni.LinearBn1d, nni.BNReLU2d, nni.BNReLU3d))
+               for m in fused_ours.modules())
+    torch.testing.assert_close(fused_ours(x), fused_torch(x), rtol=1e-6, atol=1e-6)
+    for (name, ours_buffer), (_, torch_buffer) in zip(fused_ours.named_buffers(), fused_torch.named_buffers()):
+        torch.testing.assert_close(ours_buffer, torch_buffer, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+class ConvOutputUsedTwice(nn.Module):
+    # the conv output also feeds the sum: neither FX fuse may fold this BN
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def fx_fuse_models():
+    return {
+        "Conv1d-BatchNorm1d-ReLU": (lambda: nn.Sequential(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4), nn.ReLU()), (2, 3, 10)),
+        "Conv2d-BatchNorm2d-ReLU": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), (2, 3, 8, 8)),
+        "Conv3d-BatchNorm3d": (lambda: nn.Sequential(nn.Conv3d(3, 4, 3), nn.BatchNorm3d(4)), (2, 3, 4, 5, 6)),
+        "Linear-BatchNorm1d": (lambda: nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4)), (5, 6)),
+        "conv_output_used_twice": (ConvOutputUsedTwice, (2, 3, 6, 6)),
+    }
+
+
+def graph_ops(graph_module):
+    return [(node.op, str(node.target)) for node in graph_module.graph.nodes]
+
+
+@pytest.mark.parametrize("model_name", list(fx_fuse_models()) + ["resnet18"])
+def test_fx_fuse_conv_bn_matches_torch_fx_fuse(model_name, request):
+    if model_name == "resnet18":
+        torch_model, x = request.getfixturevalue("resnet18_and_input")
+    else:
+        make_model, input_shape = fx_fuse_models()[model_name]
+        x = randn_shifted(input_shape)
+        torch_model = with_nondefault_stats_(make_model(), (x,))
+    ours = converted_copy(torch_model)
+    fused_by_torch = torch_fx_fuse(torch_model)
+    fused_ours = bnorm_ext.fuse_conv_bn(ours)
+    fused_torch = bnorm_ext.fuse_conv_bn(torch_model)
+    assert graph_ops(fused_torch) == graph_ops(fused_by_torch)
+    assert graph_ops(fused_ours) == graph_ops(fused_by_torch)
+    our_classes = {ours_class: torch_class for ours_class, torch_class in zip(OUR_BN, TORCH_BN)}
+    # the root's class is made per GraphModule; below it, the same modules by name and class
+    assert [(n, our_classes.get(type(m), type(m))) for n, m in fused_ours.named_modules() if n] == [
+        (n, type(m)) for n, m in fused_by_torch.named_modules() if n]
+    if model_name != "conv_output_used_twice":
+        assert not any(isinstance(m, TORCH_BN) for m in fused_ours.modules())
+    assert any(isinstance(m, OUR_BN) for m in ours.modules()), "inplace=False changed the model"
+    atol = 1e-4 if model_name == "resnet18" else 1e-5
+    with torch.no_grad():
+        expected = torch_model(x)
+        torch.testing.assert_close(fused_torch(x), fused_by_torch(x), rtol=0, atol=0)
+        torch.testing.assert_close(fused_ours(x), fused_by_torch(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fused_ours(x), expected, rtol=1e-5, atol=atol)
+        torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=atol)
+
+
+def test_fx_fuse_conv_bn_in_training_mode_raises_as_torch():
+    torch_model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    with pytest.raises(AssertionError) as torch_error:
+        torch_fx_fuse(torch_model)
+    with pytest.raises(AssertionError) as our_error:
+        bnorm_ext.fuse_conv_bn(converted_copy(torch_model))
+    assert str(our_error.value) == str(torch_error.value)
+
+
+@pytest.mark.parametrize("layer_type", [nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear],
+                         ids=lambda t: t.__name__)
+def test_fuse_conv_bn_eval_accepts_our_batchnorm(layer_type):
+    bn_type = {nn.Conv1d: nn.BatchNorm1d, nn.Conv3d: nn.BatchNorm3d, nn.Linear: nn.BatchNorm1d}.get(
+        layer_type, nn.BatchNorm2d)
+    layer = layer_of(layer_type).eval()
+    x = input_for((layer_type, bn_type))
+    if layer_type is not nn.Linear:
+        x = x[:, :4]
+    torch_bn, our_bn, _ = make_bn_pair(bn_type, converted_copy(bn_type(4)).__class__, 4)
+    torch_bn.eval(), our_bn.eval()
+    if layer_type is nn.Linear:
+        fused_torch, fused_ours = fuse_linear_bn_eval(layer, torch_bn), fuse_linear_bn_eval(layer, our_bn)
+    else:
+        transpose = layer_type is nn.ConvTranspose2d
+        fused_torch = fuse_conv_bn_eval(layer, torch_bn, transpose=transpose)
+        fused_ours = fuse_conv_bn_eval(layer, our_bn, transpose=transpose)
+    assert type(fused_ours) is type(fused_torch) is layer_type
+    assert torch.equal(fused_ours.weight, fused_torch.weight) and torch.equal(fused_ours.bias, fused_torch.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_ours(x), our_bn(layer(x)), rtol=1e-5, atol=1e-5)
