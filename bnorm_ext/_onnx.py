@@ -57,6 +57,9 @@ def _register_torchscript_symbolics() -> None:
     # torch's aten::batch_norm symbolic changes at opset 14 (training_mode attribute); a
     # registration at opset N serves every opset from N up to the next one registered.
     import torch.onnx
+
+    if not hasattr(torch.onnx, "register_custom_op_symbolic"):  # a torch without the TorchScript exporter
+        return
     from torch.onnx import symbolic_opset9, symbolic_opset14
 
     for opset, torch_symbolic in ((9, symbolic_opset9.batch_norm), (14, symbolic_opset14.batch_norm)):

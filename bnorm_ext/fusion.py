@@ -106,9 +106,13 @@ def _with_torch_batchnorm(fuser_method):
 
 
 def _register_quantization_fuser_methods() -> None:
-    from torch.ao.quantization import fuser_method_mappings
-
-    table = fuser_method_mappings._DEFAULT_OP_LIST_TO_FUSER_METHOD
+    try:
+        from torch.ao.quantization import fuser_method_mappings
+    except ImportError:  # a torch without torch.ao.quantization has no fuse_modules to teach
+        return
+    table = getattr(fuser_method_mappings, "_DEFAULT_OP_LIST_TO_FUSER_METHOD", None)
+    if table is None:
+        return
     for types, fuser_method in list(table.items()):
         if not any(t in _TO_OURS for t in types):
             continue

@@ -171,6 +171,16 @@ def test_onnx_registration_leaves_torch_export_and_compile_graphs_alone():
 
     assert op not in select_decomp_table()
     torch.testing.assert_close(decomposed.module()(x), model(x))
+    # symbolic shapes: FakeTensor may run the decomposition for metadata, the graph keeps our op
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def eval_then_relu(x, weight, bias, running_mean, running_var):
+        return op(x, weight, bias, running_mean, running_var, 1e-5).relu()
+
+    bn = model[1]
+    args = (randn_shifted((2, 4, 6, 6)), bn.weight.detach(), bn.bias.detach(), bn.running_mean, bn.running_var)
+    graph = make_fx(eval_then_relu, tracing_mode="symbolic")(*args).graph
+    assert op in [node.target for node in graph.nodes], graph
 
 
 def test_onnx_decomposition_equals_eval_op():
