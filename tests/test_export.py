@@ -97,6 +97,13 @@ def op_counts(proto):
     return collections.Counter((node.domain, node.op_type) for node in proto.graph.node)
 
 
+def batchnorm_attributes(proto):
+    import onnx
+
+    return [sorted((a.name, onnx.helper.get_attribute_value(a)) for a in node.attribute)
+            for node in proto.graph.node if node.op_type == "BatchNormalization"]
+
+
 def assert_standard_onnx(proto):
     nodes = [node.domain + "::" + node.op_type for node in proto.graph.node]
     assert all(node.startswith("::") for node in nodes), f"node outside the default domain: {nodes}"
@@ -106,12 +113,14 @@ def assert_standard_onnx(proto):
 
 
 def assert_onnx_matches(torch_model, ours, inputs, exporter, rtol, atol, **options):
-    """Exports both models the same way: the same ONNX op counts, only standard ONNX, and
-    onnxruntime on ours equal to eager (ours and torch's); returns ours' op counts."""
+    """Exports both models the same way: the same ONNX op counts and BatchNormalization
+    attributes, only standard ONNX, and onnxruntime on ours equal to eager (ours and
+    torch's); returns ours' op counts."""
     proto_torch = export_onnx(torch_model, inputs, exporter, **options)
     proto_ours = export_onnx(ours, inputs, exporter, **options)
     assert_standard_onnx(proto_ours)
     assert op_counts(proto_ours) == op_counts(proto_torch)
+    assert batchnorm_attributes(proto_ours) == batchnorm_attributes(proto_torch)
     outs_ort = run_onnxruntime(proto_ours, inputs)
     with torch.no_grad():
         outs_ours = ours(*inputs)
@@ -135,6 +144,18 @@ def test_onnx_export_of_every_batchnorm_rank_is_standard_batchnormalization(expo
     counts = assert_onnx_matches(torch_model, ours, inputs, exporter, rtol=1e-5, atol=1e-5)
     # the BNs after ReLU cannot fold into a preceding layer (the ones after Conv/Linear may)
     assert counts[("", "BatchNormalization")] >= 4, counts
+
+
+@requires_onnxruntime
+@pytest.mark.parametrize("opset_version", [9, 13, 14, 15, 20], ids=lambda v: f"opset{v}")
+def test_torchscript_onnx_export_at_each_opset(opset_version):
+    # our symbolic at opsets 9-13 is torch's opset-9 one, from 14 on torch's opset-14 one
+    x = randn_shifted((2, 3, 7, 7))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4, affine=False))
+    torch_model = with_nondefault_stats_(model, (x,))
+    counts = assert_onnx_matches(torch_model, converted_copy(torch_model), (x,), "torchscript", rtol=1e-5, atol=1e-5,
+                                 opset_version=opset_version)
+    assert counts[("", "BatchNormalization")] == 2, counts
 
 
 @pytest.fixture(scope="module")
