@@ -204,17 +204,27 @@ def test_onnx_registration_leaves_torch_export_and_compile_graphs_alone():
     assert op in [node.target for node in graph.nodes], graph
 
 
-def test_onnx_decomposition_equals_eval_op():
+@pytest.mark.parametrize("shape, dtype, memory_format", [
+    pytest.param((6, 5), torch.float32, torch.contiguous_format, id="NC-float32"),
+    pytest.param((3, 5, 7), torch.float64, torch.contiguous_format, id="NCL-float64"),
+    pytest.param((3, 5, 4, 6), torch.float32, torch.channels_last, id="NCHW-float32-channels_last"),
+    pytest.param((3, 5, 4, 6), torch.bfloat16, torch.contiguous_format, id="NCHW-bfloat16-float32_params"),
+    pytest.param((2, 5, 3, 4, 6), torch.float16, torch.channels_last_3d, id="NCDHW-float16-float32_params-cl3d"),
+])
+def test_onnx_decomposition_equals_eval_op(shape, dtype, memory_format):
+    # what the dynamo exporter (and FakeTensor under symbolic shapes) sees instead of our op
     from bnorm_ext._onnx import batch_norm_eval_as_aten
 
-    x = randn_shifted((3, 5, 4, 6), memory_format=torch.channels_last)
-    _, bn, _ = make_bn_pair(nn.BatchNorm2d, bnorm_ext.BatchNorm2d, 5)
+    x = randn_shifted(shape, dtype=dtype, memory_format=memory_format)
+    _, bn, _ = make_bn_pair(nn.BatchNorm1d, bnorm_ext.BatchNorm1d, 5,
+                            param_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     for weight, bias in ((bn.weight, bn.bias), (None, None)):
         args = (x, weight, bias, bn.running_mean, bn.running_var, 1e-3)
         expected = torch.ops.bnorm_ext.batch_norm_forward_eval(*args)
         got = batch_norm_eval_as_aten(*args)
-        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
-        assert got.stride() == expected.stride()
+        assert got.dtype == expected.dtype and got.stride() == expected.stride()
+        tol = {torch.bfloat16: 1e-2, torch.float16: 1e-3}.get(dtype, 1e-6)
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol * 10)
 
 
 # torch.ao.quantization's fusion patterns that contain a BatchNorm, e.g. (Conv2d, BatchNorm2d, ReLU)
