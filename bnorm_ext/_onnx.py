@@ -10,15 +10,18 @@ registration imports onnx or onnxscript:
   torch.export) hands it to torchlib's BatchNormalization translation.
   torch.export and torch.compile graphs keep our op: neither applies that
   table unless asked (torch.export.default_decompositions and Inductor's table
-  list their ops).
+  list their ops). NB: with symbolic shapes FakeTensor prefers a table entry to
+  a registered fake kernel, so it computes this op's output metadata through
+  the decomposition (same dtype, shape and strides; the graph keeps our op).
 - torch.onnx.export(dynamo=False) traces with TorchScript and looks our op up
   in its symbolic registry; the symbolic is torch's own aten::batch_norm one.
 
-Training-mode export is not supported (the exporters see the training op, for
-which no translation is registered).
+Training-mode export, and eval with track_running_stats=False, are not
+supported: the exporters see the training op, which has no translation.
 """
 
 import torch
+import torch._decomp
 
 EVAL_OP_NAME = "bnorm_ext::batch_norm_forward_eval"
 
