@@ -146,6 +146,28 @@ def test_onnx_export_of_every_batchnorm_rank_is_standard_batchnormalization(expo
     assert counts[("", "BatchNormalization")] >= 4, counts
 
 
+class EvalOpCall(nn.Module):
+    # the eval op called directly, with grad enabled and parameters that require grad
+    def __init__(self, bn):
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x):
+        bn = self.bn
+        return torch.ops.bnorm_ext.batch_norm_forward_eval(x, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                                           bn.eps)
+
+
+@requires_onnxruntime
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_onnx_export_keys_on_the_eval_op(exporter):
+    x = randn_shifted((2, 4, 5, 5))
+    torch_bn = with_nondefault_stats_(nn.BatchNorm2d(4, eps=1e-4), (x,))
+    assert torch_bn.weight.requires_grad and torch.is_grad_enabled()
+    counts = assert_onnx_matches(torch_bn, EvalOpCall(copy.deepcopy(torch_bn)), (x,), exporter, rtol=1e-5, atol=1e-5)
+    assert counts == {("", "BatchNormalization"): 1}, counts
+
+
 @requires_onnxruntime
 @pytest.mark.parametrize("opset_version", [9, 13, 14, 15, 20], ids=lambda v: f"opset{v}")
 def test_torchscript_onnx_export_at_each_opset(opset_version):
