@@ -390,9 +390,7 @@ def test_fuse_conv_bn_eval_accepts_our_batchnorm(layer_type):
         layer_type, nn.BatchNorm2d)
     layer = layer_of(layer_type).eval()
     x = input_for((layer_type, bn_type))
-    if layer_type is not nn.Linear:
-        x = x[:, :4]
-    torch_bn, our_bn, _ = make_bn_pair(bn_type, converted_copy(bn_type(4)).__class__, 4)
+    torch_bn, our_bn, _ = make_bn_pair(bn_type, dict(zip(TORCH_BN, OUR_BN))[bn_type], 4)
     torch_bn.eval(), our_bn.eval()
     if layer_type is nn.Linear:
         fused_torch, fused_ours = fuse_linear_bn_eval(layer, torch_bn), fuse_linear_bn_eval(layer, our_bn)
