@@ -18,6 +18,10 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from .modules import _TO_OURS, _TO_TORCH, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .sync_batchnorm import SyncBatchNorm
+
+# traced as call_module nodes, as torch's BatchNorm and SyncBatchNorm are (they live in torch.nn)
+_LEAF_CLASSES = (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm)
 
 # (preceding layer, BatchNorm classes), in the order torch's fuse tries them.
 _FUSE_PATTERNS = [
@@ -29,9 +33,8 @@ _FUSE_PATTERNS = [
 
 
 class _LeafTracer(fx.Tracer):
-    # Our modules stay call_module nodes, as torch's BatchNorm does (it lives in torch.nn).
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return type(m) in _TO_TORCH or super().is_leaf_module(m, module_qualified_name)
+        return type(m) in _LEAF_CLASSES or super().is_leaf_module(m, module_qualified_name)
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:

@@ -374,6 +374,25 @@ def test_fx_fuse_conv_bn_matches_torch_fx_fuse(model_name, request):
         torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=atol)
 
 
+def test_fx_fuse_conv_bn_leaves_sync_batchnorm_unfused_as_torch():
+    # SyncBatchNorm is an FX leaf that neither pass folds; the BatchNorm2d after it is folded
+    x = randn_shifted((2, 3, 6, 6))
+    torch_model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    for bn in (torch_model[1], torch_model[3]):
+        randomize_bn_(bn)
+    torch_model.eval()
+    ours = converted_copy(torch_model)
+    ours[1] = bnorm_ext.SyncBatchNorm.convert_sync_batchnorm(ours[1])
+    fused_by_torch = torch_fx_fuse(torch_model)
+    fused_ours = bnorm_ext.fuse_conv_bn(ours)
+    assert graph_ops(fused_ours) == graph_ops(fused_by_torch)
+    assert [type(m) for m in fused_ours.children()] == [nn.Conv2d, bnorm_ext.SyncBatchNorm, nn.Conv2d]
+    assert [type(m) for m in fused_by_torch.children()] == [nn.Conv2d, nn.SyncBatchNorm, nn.Conv2d]
+    with torch.no_grad():
+        torch.testing.assert_close(fused_ours(x), fused_by_torch(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fused_ours(x), torch_model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_fx_fuse_conv_bn_in_training_mode_raises_as_torch():
     torch_model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
     with pytest.raises(AssertionError) as torch_error:
