@@ -8,6 +8,7 @@ import torch
 
 from . import _C  # noqa: F401  (registers the ops and their kernels)
 from . import _fake  # noqa: F401  (fake kernels for torch.compile / FakeTensor)
+from . import _onnx, fusion
 from .functional import BatchNormFunction, batch_norm
 from .modules import (
     BatchNorm1d,
@@ -16,7 +17,11 @@ from .modules import (
     convert_batchnorm,
     revert_batchnorm,
 )
+from .fusion import fuse_conv_bn
 from .sync_batchnorm import SyncBatchNorm
+
+_onnx.register()
+fusion.register()
 
 __version__ = "0.1.0"
 
@@ -29,6 +34,7 @@ __all__ = [
     "batch_norm",
     "build_info",
     "convert_batchnorm",
+    "fuse_conv_bn",
     "revert_batchnorm",
 ]
 
