@@ -468,6 +468,40 @@ def _ddp_case(rank, world_size, sizes, dtype, steps=4, lr=0.1, seed=0):
     return figs
 
 
+def _ddp_plain_batchnorm_case(rank, world_size, steps=3, lr=0.1):
+    """DDP over a model with torch's BatchNorm2d vs the same model converted to
+    bnorm_ext.BatchNorm2d (per-rank statistics, buffers broadcast from rank 0):
+    the same losses, parameters and buffers on every rank, step by step."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(SEED + 300)
+    ref = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(64, 3)).double()
+    ours = bnorm_ext.convert_batchnorm(copy.deepcopy(ref))
+    assert type(ours[1]) is bnorm_ext.BatchNorm2d
+    ddps = [DDP(ref), DDP(ours)]
+    opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=0.5) for m in ddps]
+    gen = torch.Generator().manual_seed(700 + rank)
+    figs = {"loss": 0.0, "params": 0.0, "buffers": 0.0}
+    for step in range(steps):
+        x = randn_shifted((4, 3, 4, 4), torch.float64, generator=gen)
+        losses = []
+        for ddp, opt in zip(ddps, opts):
+            opt.zero_grad()
+            loss = ddp(x).square().mean()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        figs["loss"] = max(figs["loss"], abs(losses[1] - losses[0]))
+        for p_ref, p in zip(ref.parameters(), ours.parameters()):
+            figs["params"] = max(figs["params"], max_abs_err(p, p_ref))
+        for b_ref, b in zip(ref.buffers(), ours.buffers()):
+            figs["buffers"] = max(figs["buffers"], max_abs_err(b.double(), b_ref.double()))
+        assert max(figs.values()) <= 1e-10, f"step {step}: {figs}"
+    figs["local_n"] = 4
+    return figs
+
+
 # --- suites ----------------------------------------------------------------------
 def _suite_world2(rank, world_size, device="cpu"):
     assert world_size == 2
@@ -484,6 +518,7 @@ def _suite_world2(rank, world_size, device="cpu"):
     R["gradcheck f64 sizes(2,3)"] = _gradcheck_case(rank, world_size, (2, 3))
     R["ddp f32 sizes(3,5)"] = _ddp_case(rank, world_size, (3, 5), torch.float32, seed=1)
     R["ddp f64 sizes(4,4)"] = _ddp_case(rank, world_size, (4, 4), torch.float64, seed=2)
+    R["ddp converted BatchNorm2d"] = _ddp_plain_batchnorm_case(rank, world_size)
     return R
 
 
@@ -687,6 +722,13 @@ def test_world2_ddp_training(world2, case):
     assert len(found) == 2
     for _, _, figs in found:
         assert figs["loss"] <= (1e-10 if "f64" in case else 1e-4)
+
+
+def test_world2_ddp_with_converted_batchnorm(world2):
+    found = _cases(world2, "ddp converted BatchNorm2d")
+    assert len(found) == 2
+    for _, _, figs in found:
+        assert max(figs["loss"], figs["params"], figs["buffers"]) <= 1e-10
 
 
 @pytest.mark.parametrize("case", [
