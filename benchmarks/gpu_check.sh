@@ -21,18 +21,22 @@
 # stage's budget (the build's time on the device is not known yet).
 #
 # Budget (planned, not measured: nothing has run on a GPU yet). Every step has its own
-# `timeout` and the whole stage a deadline (STAGE_BUDGET_S, default 450 s): a step gets at most
+# `timeout` and the whole stage a deadline (STAGE_BUDGET_S, default 460 s): a step gets at most
 # what is left, and steps with under 15 s left are skipped, so a stage ends within about
-# 7.7 minutes even if steps hang. Planned limits, in order:
-#   stage 1: setup 30 s (prebuilt; a build 300 s) | smoke --large 60 s | tests 190 s |
-#            torch.compile tests 90 s | benchmark, single-read 45 s | benchmark, two-pass 35 s
+# 7.9 minutes even if steps hang; give the device call timeout_s=540. Planned limits, in order:
+#   stage 1: setup 30 s (prebuilt; a build 300 s) | smoke --large 80 s | tests 180 s |
+#            torch.compile tests 85 s | benchmark, single-read 45 s | benchmark, two-pass 35 s
 #   stage 2: setup 30 s | smoke --sanitizer without a tool 30 s | memcheck 95 s | racecheck 105 s |
 #            synccheck 80 s | initcheck 105 s
-# CPU-side parts measured on the 2-core CPU machine, 2026-12-02 (a dry run with torch 2.11.0,
-# Python 3.12, no GPU): TODO_DRYRUN
+# CPU-side parts measured on the 2-core CPU machine, 2026-12-02, in a dry run from a clean clone
+# (torch 2.11.0+cu130, Python 3.12, the prebuilt library, no GPU, so every GPU step failed fast
+# or skipped): stage 1 took 41 s (importing the library 4 s; collecting the CUDA tests and
+# running the 16 CPU-side ones and tests/test_build.py's SASS checks of the sm_90 library 14 s),
+# stage 2 15 s. cuda_smoke.py --device cpu, which does at least twice the CPU work of a GPU run
+# (both sides on the CPU), took 3.5 s with --sanitizer, 15 s by default and 111 s with --large.
 #
 # Other uses: `--fingerprint` prints the sources' fingerprint (build_for_device.sh records it).
-# Environment: PYTHON (python3), STAGE_BUDGET_S (450), CUDA_HOME (/usr/local/cuda).
+# Environment: PYTHON (python3), STAGE_BUDGET_S (460), CUDA_HOME (/usr/local/cuda).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -61,7 +65,7 @@ PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
 unset BNORM_EXT_CUDA_SINGLE_READ BNORM_EXT_CUDA_TEST_REFUSE_COOPERATIVE
-deadline=$((SECONDS + ${STAGE_BUDGET_S:-450}))
+deadline=$((SECONDS + ${STAGE_BUDGET_S:-460}))
 summary="$out/summary.txt"
 steps_table=()
 : >"$summary"
@@ -144,10 +148,10 @@ pytest_args=(-q -p no:cacheprovider -rfE --durations=20 -o addopts="")
 "$PY" -c 'import pytest_timeout' 2>/dev/null && pytest_args+=(--timeout=150)
 
 stage1() {
-  step smoke smoke.log 60 "$PY" benchmarks/cuda_smoke.py --large
-  step tests tests.log 190 env BNORM_EXT_RUNSLOW=1 "$PY" -m pytest "${pytest_args[@]}" --maxfail=40 \
+  step smoke smoke.log 80 "$PY" benchmarks/cuda_smoke.py --large
+  step tests tests.log 180 env BNORM_EXT_RUNSLOW=1 "$PY" -m pytest "${pytest_args[@]}" --maxfail=40 \
     tests/test_cuda.py tests/test_cuda_host_side.py tests/test_build.py -k "not torch_compile"
-  step tests_compile tests.log 90 "$PY" -m pytest "${pytest_args[@]}" tests/test_cuda.py -k torch_compile
+  step tests_compile tests.log 85 "$PY" -m pytest "${pytest_args[@]}" tests/test_cuda.py -k torch_compile
   local bench=(benchmarks/bench.py --device cuda --no-compile --repeats 20 --plot ""
     --shapes 32x64x112x112,32x256x28x28,32x2048x7x7)
   # NB: 32x2048x7x7 fits the single-read kernel both ways, 32x256x28x28 the forward only,
@@ -176,9 +180,10 @@ stage2() {
     step "$tool" "sanitizer_$tool.log" "$limit" "$sanitizer" --tool "$tool" "${f[@]}" --error-exitcode 3 \
       --print-limit 50 "$PY" benchmarks/cuda_smoke.py --sanitizer
     local rc=$?
-    if ((rc != 0 && rc != 3 && ${#f[@]} > 0)) && ! grep -q "ERROR SUMMARY" "$out/sanitizer_$tool.log"; then
+    if ((rc != 0 && rc != 3 && rc != 99 && rc != 124 && rc != 137 && ${#f[@]} > 0)) \
+      && ! grep -q "ERROR SUMMARY" "$out/sanitizer_$tool.log"; then
       # the tool did not run the program (e.g. it refused the filter): once more without it
-      step "$tool (no filter)" "sanitizer_$tool.log" "$limit" "$sanitizer" --tool "$tool" --error-exitcode 3 \
+      step "${tool}_nofilter" "sanitizer_$tool.log" "$limit" "$sanitizer" --tool "$tool" --error-exitcode 3 \
         --print-limit 50 "$PY" benchmarks/cuda_smoke.py --sanitizer
     fi
   done
@@ -205,12 +210,15 @@ write_summary() {
       for tool in memcheck racecheck synccheck initcheck; do
         local f=$out/sanitizer_$tool.log
         [[ -f $f ]] || continue
-        # errors whose first frame is one of our kernels, against all errors
-        local ours
-        ours=$(awk '/^========= [A-Z]/ {hdr=1; next} hdr && /^=========     at / {if ($0 ~ /bnorm_ext/) n++; hdr=0} END {print n+0}' "$f")
-        printf '%-10s %s | errors in bnorm_ext kernels: %s | %s\n' "$tool" \
-          "$(grep -h 'ERROR SUMMARY' "$f" | tail -n 1 | sed 's/=* *//')" "$ours" \
-          "$(grep -h '^single-read launches\|^cuda_smoke' "$f" | tr '\n' ' ' | cut -c1-60)"
+        # reports that name one of our kernels (in the report's line or its first frame)
+        local ours result
+        ours=$(awk '/^========= (COMPUTE-SANITIZER|ERROR SUMMARY)/ {next}
+                    /^========= [A-Z]/ {if ($0 ~ /bnorm_ext/) {n++; hdr=0} else hdr=1; next}
+                    hdr && /^=========     at / {if ($0 ~ /bnorm_ext/) n++; hdr=0}
+                    END {print n+0}' "$f")
+        result=$(grep -h 'ERROR SUMMARY' "$f" | tail -n 1 | sed 's/^=* *//')
+        printf '%-10s %s | in bnorm_ext kernels: %s | %s\n' "$tool" "${result:-no ERROR SUMMARY: the tool did not finish}" \
+          "$ours" "$(grep -h '^single-read launches\|^cuda_smoke' "$f" | tr '\n' ' ' | cut -c1-70)"
       done
     fi
   } >"$summary"
