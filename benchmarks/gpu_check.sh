@@ -116,10 +116,12 @@ if torch.cuda.is_available():
 EOF
     "$CUDA_HOME/bin/nvcc" --version 2>&1 | tail -n 1
   } >>"$log" 2>&1
-  local torch_here py_tag
+  local torch_here py_tag ext_suffix
   torch_here=$("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null)
   py_tag=$("$PY" -c 'import sys; print(f"cpython-{sys.version_info[0]}{sys.version_info[1]}")')
-  rm -f bnorm_ext/_C.*.so
+  ext_suffix=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+  # only this interpreter's library: a checkout may hold others (e.g. a local build for another Python)
+  rm -f "bnorm_ext/_C$ext_suffix"
   library="built here"
   local why
   if [[ ! -f device_build/build.txt ]]; then
@@ -130,14 +132,16 @@ EOF
     why="device_build/ is for $(kv python), this is $py_tag"
   elif [[ "$(kv sources)" != "$(fingerprint)" ]]; then
     why="device_build/ was built from other sources ($(kv commit))"
+  elif [[ ! -f "device_build/_C$ext_suffix" ]]; then
+    why="no device_build/_C$ext_suffix"
   else
-    cp device_build/_C.*.so bnorm_ext/
+    cp "device_build/_C$ext_suffix" bnorm_ext/
     if step import_prebuilt setup.log 60 "$PY" -c 'import bnorm_ext; print(bnorm_ext.build_info())'; then
       library="prebuilt $(kv commit), $(kv built)"
       echo "library: $library" >>"$log"
       return 0
     fi
-    rm -f bnorm_ext/_C.*.so
+    rm -f "bnorm_ext/_C$ext_suffix"
     why="the prebuilt library did not import"
   fi
   echo "library: building here: $why" >>"$log"
