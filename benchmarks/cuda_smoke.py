@@ -3,11 +3,19 @@ compute-sanitizer (memcheck, racecheck, synccheck, initcheck) and as a quick
 correctness check against the CPU reference kernels. Exits non-zero on any
 mismatch.
 
-    python benchmarks/cuda_smoke.py            # small sizes (under a sanitizer)
-    python benchmarks/cuda_smoke.py --large    # adds sizes that fill the GPU
+    python benchmarks/cuda_smoke.py               # small sizes
+    python benchmarks/cuda_smoke.py --large       # adds sizes that fill the GPU
+    python benchmarks/cuda_smoke.py --sanitizer   # the reduced set the sanitizers run
+    python benchmarks/cuda_smoke.py --device cpu  # dry run of the script itself (CPU vs CPU)
 
 Every case runs on both training paths: the single-read kernel (where the
 input fits on chip) and the two-pass kernels (BNORM_EXT_CUDA_SINGLE_READ=0).
+On CUDA it first checks that the single-read kernels really launch for a small
+input (an instrumented run could lower occupancy and silently move everything
+to the two-pass kernels). --sanitizer still reaches every kernel family with
+32-bit indices once per path: each dtype in both layouts with 16-byte vectors
+and with scalars, half inputs with half and with float32 parameters,
+misaligned dense inputs, and more channels than resident blocks.
 """
 
 import argparse
@@ -39,15 +47,30 @@ def _close(name, got, want, dtype, failures):
         failures.append(f"{name}: relative error {err:.3e} > {TOL[dtype]:.0e}")
 
 
-def run_case(shape, dtype, memory_format, path, failures):
+def misaligned_copy(t):
+    """A dense copy of t (same memory format) starting one element past a 16-byte boundary."""
+    channels_last = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    if channels_last:
+        N, C, H, W = t.shape
+        view = buf[1:].view(N, H, W, C).permute(0, 3, 1, 2)
+    else:
+        view = buf[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def run_case(shape, dtype, memory_format, path, failures, device="cuda", misaligned=False, half_params=False):
     tag = (f"{'x'.join(map(str, shape))}-{str(dtype).split('.')[-1]}-"
-           f"{'cl' if memory_format == torch.channels_last else 'nchw'}-{path}")
+           f"{'cl' if memory_format == torch.channels_last else 'nchw'}-{path}"
+           f"{'-misaligned' if misaligned else ''}{'-half_params' if half_params else ''}")
     C = shape[1]
     x_cpu = (torch.randn(shape, dtype=torch.float64) * 3 + 5).to(dtype)
     if len(shape) == 4:
         x_cpu = x_cpu.contiguous(memory_format=memory_format)
-    dy_cpu = torch.randn(shape, dtype=torch.float64).to(dtype)
-    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    dy_cpu = torch.randn(shape, dtype=torch.float64).to(dtype).contiguous(memory_format=(
+        memory_format if len(shape) == 4 else torch.contiguous_format))
+    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) and not half_params else dtype
     w_cpu = (torch.rand(C, dtype=torch.float64) + 0.5).to(param_dtype)
     b_cpu = torch.randn(C, dtype=torch.float64).to(param_dtype)
     rm_cpu = torch.randn(C, dtype=torch.float64).to(param_dtype)
@@ -55,9 +78,11 @@ def run_case(shape, dtype, memory_format, path, failures):
     nbt_cpu = torch.tensor(3, dtype=torch.long)
 
     def dev(t):
-        return t.cuda() if t is not None else None
+        return t.to(device, copy=True) if t is not None else None
 
     x, dy, w, b = dev(x_cpu), dev(dy_cpu), dev(w_cpu), dev(b_cpu)
+    if misaligned:
+        x, dy = misaligned_copy(x), misaligned_copy(dy)
     rm, rv, nbt = dev(rm_cpu.clone()), dev(rv_cpu.clone()), dev(nbt_cpu.clone())
     rm_c, rv_c, nbt_c = rm_cpu.clone(), rv_cpu.clone(), nbt_cpu.clone()
     empty = x.numel() == 0
@@ -119,32 +144,75 @@ def run_case(shape, dtype, memory_format, path, failures):
     _close(f"{tag} gather_stats.running_var", rv2, rv2_c, dtype, failures)
 
 
+def check_single_read_launches(failures):
+    """The single-read kernels must launch for a small input (one forward, one backward)."""
+    from bnorm_ext import _C
+
+    os.environ["BNORM_EXT_CUDA_SINGLE_READ"] = "1"
+    x = (torch.randn(4, 16, 8, 8, dtype=torch.float64) * 3 + 5).float().cuda()
+    dy = torch.randn_like(x)
+    launches = _C._single_read_launches()
+    _, mean, invstd = ops.batch_norm_forward_train(x, None, None, None, None, None, 0.1, 1e-5)
+    ops.batch_norm_backward(dy, x, None, None, None, mean, invstd, True, 1e-5)
+    torch.cuda.synchronize()
+    launched = _C._single_read_launches() - launches
+    print(f"single-read launches for a 4x16x8x8 float32 training step: {launched} (expected 2)")
+    if launched != 2:
+        failures.append(f"single-read kernels launched {launched} times for a small training step, expected 2 "
+                        f"(lower occupancy, e.g. under a sanitizer, or a refused cooperative launch: "
+                        f"{_C._cooperative_refusals()} refusals recorded)")
+
+
+SMALL_SHAPES = [(2, 3, 5, 7), (3, 5, 7, 9), (4, 64, 8, 8), (2, 1024, 2, 2), (2, 2048, 3, 3), (5, 7, 1, 1),
+                (0, 3, 4, 4), (6, 13), (3, 4, 17)]
+LARGE_SHAPES = [(32, 64, 56, 56), (64, 256, 28, 28), (8, 3, 223, 221)]
+# L = 16 and C = 16: 16-byte vectors for every dtype in both layouts; L = 9, C = 5: scalars
+SANITIZER_SHAPES = [(2, 16, 4, 4), (3, 5, 3, 3), (0, 3, 4, 4)]
+
+
+def cases(args):
+    """(shape, dtype, memory_format, extras) of one run, for each path."""
+    shapes = SANITIZER_SHAPES if args.sanitizer else SMALL_SHAPES + (LARGE_SHAPES if args.large else [])
+    for shape in shapes:
+        formats = [torch.contiguous_format, torch.channels_last] if len(shape) == 4 else [torch.contiguous_format]
+        for dtype in DTYPES:
+            for memory_format in formats:
+                yield shape, dtype, memory_format, {}
+    formats = [torch.contiguous_format, torch.channels_last]
+    for memory_format in formats:
+        yield (2, 16, 4, 4), torch.float32, memory_format, {"misaligned": True}
+        yield (2, 16, 4, 4), torch.float16, memory_format, {"half_params": True}
+        yield (2, 1024, 2, 2), torch.float32, memory_format, {}  # more channels than resident blocks
+        if not args.sanitizer:
+            yield (8, 64, 16, 16), torch.bfloat16, memory_format, {"misaligned": True}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--large", action="store_true", help="also sizes that fill the GPU")
+    parser.add_argument("--sanitizer", action="store_true", help="the reduced set for compute-sanitizer")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                        help="cpu: a dry run of the script (CPU kernels against themselves)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("cuda_smoke: no CUDA device", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    shapes = [(2, 3, 5, 7), (3, 5, 7, 9), (4, 64, 8, 8), (2, 1024, 2, 2), (2, 2048, 3, 3), (5, 7, 1, 1), (0, 3, 4, 4),
-              (6, 13), (3, 4, 17)]
-    if args.large:
-        shapes += [(32, 64, 56, 56), (64, 256, 28, 28), (8, 3, 223, 221)]
     failures = []
-    cases = 0
+    if args.device == "cuda":
+        check_single_read_launches(failures)
+    n = 0
     for path in ("single_read", "two_pass"):
         os.environ["BNORM_EXT_CUDA_SINGLE_READ"] = "1" if path == "single_read" else "0"
-        for shape in shapes:
-            formats = [torch.contiguous_format, torch.channels_last] if len(shape) == 4 else [torch.contiguous_format]
-            for dtype in DTYPES:
-                for memory_format in formats:
-                    run_case(shape, dtype, memory_format, path, failures)
-                    cases += 1
-    torch.cuda.synchronize()
+        for shape, dtype, memory_format, extras in cases(args):
+            run_case(shape, dtype, memory_format, path, failures, device=args.device, **extras)
+            n += 1
+    if args.device == "cuda":
+        torch.cuda.synchronize()
     for f in failures:
         print("FAIL", f)
-    print(f"cuda_smoke: {cases} cases, {len(failures)} failures")
+    print(f"cuda_smoke ({args.device}{', sanitizer set' if args.sanitizer else ''}{', large' if args.large else ''}): "
+          f"{n} cases, {len(failures)} failures")
     return 1 if failures else 0
 
 

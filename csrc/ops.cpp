@@ -3,6 +3,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <cstdint>
+
+#include "cuda/cooperative_launch_record.h"
+
 #ifndef BNORM_EXT_CUDA_ARCHS
 #define BNORM_EXT_CUDA_ARCHS ""
 #endif
@@ -27,8 +31,51 @@ static PyObject* build_info(PyObject*, PyObject*) {
       "debug", debug);
 }
 
+// Single-read kernels launched so far in this process (an int).
+static PyObject* single_read_launches(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(bnorm_ext::cuda::single_read_launch_count().load());
+}
+
+// (kernel, device) pairs whose cooperative launch was refused (an int).
+static PyObject* cooperative_refusals(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(bnorm_ext::cuda::cooperative_launch_record().refused_count());
+}
+
+// Forgets every recorded cooperative launch (tests only).
+static PyObject* clear_cooperative_launch_record(PyObject*, PyObject*) {
+  bnorm_ext::cuda::cooperative_launch_record().clear();
+  Py_RETURN_NONE;
+}
+
+// Tests only: runs the launch bookkeeping of the single-read path with a fake
+// launch for (kernel_id, device) that reports `refuse` (too large) or success;
+// returns (attempted, launched). Releases the GIL, so threads can race on it.
+static PyObject* simulate_cooperative_launch(PyObject*, PyObject* args) {
+  long long kernel_id = 0, grid = 0;
+  int device = 0, capturing = 0, refuse = 0;
+  if (!PyArg_ParseTuple(args, "LiLpp", &kernel_id, &device, &grid, &capturing, &refuse)) {
+    return nullptr;
+  }
+  bool attempted = false, launched = false;
+  Py_BEGIN_ALLOW_THREADS
+  const void* kernel = reinterpret_cast<const void*>(static_cast<uintptr_t>(kernel_id));
+  launched = bnorm_ext::cuda::launch_cooperative_recorded(kernel, device, grid, capturing != 0, [&] {
+    attempted = true;
+    return refuse ? bnorm_ext::cuda::CooperativeOutcome::kTooLarge : bnorm_ext::cuda::CooperativeOutcome::kLaunched;
+  });
+  Py_END_ALLOW_THREADS
+  return Py_BuildValue("(OO)", attempted ? Py_True : Py_False, launched ? Py_True : Py_False);
+}
+
 static PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "How the extension was compiled."},
+    {"_single_read_launches", single_read_launches, METH_NOARGS, "Single-read kernels launched in this process."},
+    {"_cooperative_refusals", cooperative_refusals, METH_NOARGS,
+     "(kernel, device) pairs whose cooperative launch was refused."},
+    {"_clear_cooperative_launch_record", clear_cooperative_launch_record, METH_NOARGS,
+     "Tests only: forget every recorded cooperative launch."},
+    {"_simulate_cooperative_launch", simulate_cooperative_launch, METH_VARARGS,
+     "Tests only: (kernel_id, device, grid, capturing, refuse) -> (attempted, launched)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyObject* PyInit__C(void) {

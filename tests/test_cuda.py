@@ -1,5 +1,11 @@
 """CUDA-only tests (skipped without a GPU)."""
 
+import copy
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -12,9 +18,11 @@ from conftest import check_parity, dtypes, max_abs_err, memory_formats, randn_sh
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 
 import bnorm_ext  # noqa: E402
+from bnorm_ext import _C  # noqa: E402
 
 ops = torch.ops.bnorm_ext
 DEV = "cuda"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------------------
@@ -91,6 +99,68 @@ def test_cuda_noncontiguous_parity():
                  lambda dt, dev: randn_shifted((3, 6, 5, 4), dt, dev).permute(0, 3, 2, 1), torch.float32, DEV)
     check_parity(nn.BatchNorm2d, bnorm_ext.BatchNorm2d,
                  lambda dt, dev: randn_shifted((3, 8, 5, 6), dt, dev)[:, ::2], torch.float32, DEV)
+
+
+def misaligned_copy(x):
+    """A dense copy of x (same memory format) whose data pointer is one element past
+    a 16-byte boundary, so every kernel must take its scalar path."""
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    if channels_last:
+        N, C, H, W = x.shape
+        view = buf[1:].view(N, H, W, C).permute(0, 3, 1, 2)
+    else:
+        view = buf[1:].view(x.shape)
+    view.copy_(x)
+    assert view.data_ptr() % 16 != 0
+    assert view.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return view
+
+
+MISALIGNED_SHAPES = [
+    # L % VEC == 0 (NCHW) and C % VEC == 0 (channels_last) for every dtype: only the
+    # pointer's alignment keeps the 16-byte vectors off
+    pytest.param((4, 8, 8, 8), id="4x8x8x8"),
+    pytest.param((16, 64, 16, 16), id="16x64x16x16"),
+]
+
+
+@pytest.mark.parametrize("shape", MISALIGNED_SHAPES)
+@pytest.mark.parametrize("memory_format", memory_formats)
+@pytest.mark.parametrize("dtype", dtypes)
+def test_cuda_misaligned_dense_input_parity(dtype, memory_format, shape, cuda_path):
+    def make_x(dt, dev):
+        return misaligned_copy(randn_shifted(shape, dt, dev, memory_format=memory_format))
+
+    launches = _C._single_read_launches()
+    check_parity(nn.BatchNorm2d, bnorm_ext.BatchNorm2d, make_x, dtype, DEV)
+    ran_single_read = _C._single_read_launches() > launches
+    assert ran_single_read == (cuda_path == "single_read"), "single-read launches do not match the path"
+
+
+@pytest.mark.parametrize("memory_format", memory_formats)
+@pytest.mark.parametrize("dtype", dtypes)
+def test_cuda_misaligned_grad_output(dtype, memory_format, cuda_path):
+    """An aligned input with a misaligned grad_out (and the reverse) in the training
+    backward: the same gradients as with both aligned."""
+    C = 8
+    x = randn_shifted((4, C, 8, 8), dtype, DEV, memory_format=memory_format)
+    dy = torch.randn(x.shape, dtype=torch.float64).to(DEV, dtype).contiguous(memory_format=memory_format)
+    mean, var = _ref_stats(x)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    save_mean, save_invstd = mean.to(acc), (1 / torch.sqrt(var + 1e-5)).to(acc)
+    w = (1 + 0.5 * torch.randn(C, device=DEV)).to(acc)
+    want = ops.batch_norm_backward(dy, x, w, None, None, save_mean, save_invstd, True, 1e-5)
+    ref = ops.batch_norm_backward(dy.cpu().double(), x.cpu().double(), w.cpu().double(), None, None,
+                                  save_mean.cpu().double(), save_invstd.cpu().double(), True, 1e-5)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
+    for dy_in, x_in in ((misaligned_copy(dy), x), (dy, misaligned_copy(x))):
+        got = ops.batch_norm_backward(dy_in, x_in, w, None, None, save_mean, save_invstd, True, 1e-5)
+        for name, a, b, r in zip(("grad_input", "grad_weight", "grad_bias"), got, want, ref):
+            assert torch.isfinite(a).all(), name
+            scale = max(1.0, r.abs().max().item())
+            assert max_abs_err(a, r) <= tol * scale, f"{name}: {max_abs_err(a, r):.3e} from the float64 reference"
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale, msg=lambda m: f"{name} vs aligned: {m}")
 
 
 # ---------------------------------------------------------------------------
@@ -199,10 +269,11 @@ def test_cuda_c64_large_nhw(memory_format):
 
 @pytest.mark.parametrize("memory_format", memory_formats)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
-def test_cuda_small_vs_big_agree(dtype, memory_format):
+def test_cuda_small_vs_big_agree(dtype, memory_format, monkeypatch):
     """~1M and ~30M elements with identical per-channel statistics (the big input is the
     small one tiled along N): the small one runs the single-read kernel, the big one the
-    two-pass kernels (test_cuda_path_switch checks which), and they must agree."""
+    two-pass kernels, and they must agree."""
+    monkeypatch.delenv("BNORM_EXT_CUDA_SINGLE_READ", raising=False)
     C = 64
     small = randn_shifted((32, C, 22, 22), dtype, DEV, memory_format=memory_format)  # ~1.0M
     big = small.repeat(30, 1, 1, 1).contiguous(memory_format=memory_format)  # ~29.7M
@@ -213,7 +284,10 @@ def test_cuda_small_vs_big_agree(dtype, memory_format):
     res = {}
     for name, x in (("small", small), ("big", big)):
         rm, rv = torch.zeros(C, device=DEV, dtype=pdt), torch.ones(C, device=DEV, dtype=pdt)
+        launches = _C._single_read_launches()
         out, sm, si = ops.batch_norm_forward_train(x, w, b, rm, rv, None, 0.1, 1e-5)
+        ran_single_read = _C._single_read_launches() > launches
+        assert ran_single_read == (name == "small"), f"{name}: single-read {'' if ran_single_read else 'not '}launched"
         res[name] = (out, sm, si, rm, rv, x.numel() // C)
     out_s, sm_s, si_s, rm_s, rv_s, n_s = res["small"]
     out_b, sm_b, si_b, rm_b, rv_b, n_b = res["big"]
@@ -233,10 +307,13 @@ def test_cuda_small_vs_big_agree(dtype, memory_format):
 
 
 @pytest.mark.slow
-def test_cuda_more_than_2_31_elements_fp16():
+@pytest.mark.parametrize("memory_format", memory_formats)
+def test_cuda_more_than_2_31_elements_fp16(memory_format):
+    """The 64-bit-index kernels (two-pass only): NCHW with 16-byte vectors (L % 8 == 0),
+    channels_last with scalars (C = 4 < 8)."""
     N, C, H, W = 33, 4, 4096, 4000  # 2.16e9 elements > 2**31
     assert N * C * H * W > 2 ** 31
-    x = torch.empty((N, C, H, W), dtype=torch.float16, device=DEV)
+    x = torch.empty((N, C, H, W), dtype=torch.float16, device=DEV, memory_format=memory_format)
     # per-channel constant offset + noise, generated in slices to bound memory
     for n in range(N):
         x[n].normal_(0, 1).mul_(3).add_(torch.arange(C, device=DEV, dtype=torch.float16).view(C, 1, 1) + 5)
@@ -289,23 +366,86 @@ def _train_step(x, dy, C, param_dtype):
     m(xi).backward(dy)
 
 
+# NB: sizing of the single-read kernel for 16x64x32x32 float32, in both layouts, on
+# any GPU with >= 4 * 64 blocks: 4 split segments per channel (channels_last: 256
+# row splits), 4 kept vectors of 16 bytes per thread and input: 16 KiB (forward) and
+# 32 KiB (backward: x and dy) of dynamic shared memory per block, plus under 4 KiB of
+# static shared memory and 1 KiB reserved, 4 blocks per SM. That fits an A100
+# (164 KiB per SM) and an H100/H200 (228 KiB); GPUs with less skip the test.
+PATH_SWITCH_SMALL = (16, 64, 32, 32)
+PATH_SWITCH_SMEM_PER_SM = 4 * (32 + 4 + 1) * 1024
+
+
 @pytest.mark.parametrize("memory_format", memory_formats)
 def test_cuda_path_switch(memory_format, monkeypatch):
     """Inputs that fit on chip run one single-read launch each way; large ones and
     BNORM_EXT_CUDA_SINGLE_READ=0 run the two-pass kernels."""
-    C = 64
-    small = randn_shifted((32, C, 22, 22), torch.float32, DEV, memory_format=memory_format)  # 4 MB
+    props = torch.cuda.get_device_properties(DEV)
+    if props.shared_memory_per_multiprocessor < PATH_SWITCH_SMEM_PER_SM or props.multi_processor_count * 4 < 256:
+        pytest.skip(f"{props.name}: {props.shared_memory_per_multiprocessor} B of shared memory per SM, "
+                    f"{props.multi_processor_count} SMs: the small input's single-read sizing does not fit")
+    monkeypatch.delenv("BNORM_EXT_CUDA_SINGLE_READ", raising=False)
+    C = PATH_SWITCH_SMALL[1]
+    small = randn_shifted(PATH_SWITCH_SMALL, torch.float32, DEV, memory_format=memory_format)  # 4 MB
     big = randn_shifted((512, C, 32, 32), torch.float32, DEV, memory_format=memory_format)  # 128 MB
+    launches = _C._single_read_launches()
     names = _kernel_names(lambda: _train_step(small, torch.randn_like(small), C, torch.float32))
+    assert _C._single_read_launches() - launches == 2, "expected a forward and a backward single-read launch"
     single = [n for n in names if "single_read_channel_kernel" in n]
     assert len(single) == 2, f"expected a forward and a backward single-read kernel, got {sorted(names)}"
     assert not any("channel_reduce" in n or "channel_elementwise" in n for n in names), sorted(names)
+    launches = _C._single_read_launches()
     names = _kernel_names(lambda: _train_step(big, torch.randn_like(big), C, torch.float32))
+    assert _C._single_read_launches() == launches
     assert not any("single_read" in n for n in names), sorted(names)
     assert any("channel_reduce" in n for n in names) and any("channel_elementwise" in n for n in names)
     monkeypatch.setenv("BNORM_EXT_CUDA_SINGLE_READ", "0")
     names = _kernel_names(lambda: _train_step(small, torch.randn_like(small), C, torch.float32))
+    assert _C._single_read_launches() == launches
     assert not any("single_read" in n for n in names), sorted(names)
+
+
+REFUSE_ENV = "BNORM_EXT_CUDA_TEST_REFUSE_COOPERATIVE"
+
+
+@pytest.fixture
+def clean_launch_record(monkeypatch):
+    monkeypatch.delenv(REFUSE_ENV, raising=False)
+    monkeypatch.delenv("BNORM_EXT_CUDA_SINGLE_READ", raising=False)
+    _C._clear_cooperative_launch_record()
+    yield
+    _C._clear_cooperative_launch_record()
+
+
+@pytest.mark.parametrize("memory_format", memory_formats)
+def test_cuda_refused_cooperative_launch_is_remembered(memory_format, monkeypatch, clean_launch_record):
+    """A refused single-read launch (forced here) falls back to the two-pass kernels,
+    with their exact results, and later calls do not try again until the record is
+    cleared."""
+    shape = (8, 16, 16, 16)
+    C = shape[1]
+    x = randn_shifted(shape, torch.float32, DEV, memory_format=memory_format)
+    dy = torch.randn(shape, device=DEV).contiguous(memory_format=memory_format)
+    monkeypatch.setenv("BNORM_EXT_CUDA_SINGLE_READ", "0")
+    two_pass = _run_once(x, dy, C, torch.float32)
+    monkeypatch.delenv("BNORM_EXT_CUDA_SINGLE_READ")
+
+    monkeypatch.setenv(REFUSE_ENV, "1")
+    launches = _C._single_read_launches()
+    refused = _run_once(x, dy, C, torch.float32)
+    assert _C._single_read_launches() == launches, "a single-read kernel ran although its launch was refused"
+    assert _C._cooperative_refusals() == 2, "expected the forward and the backward kernel recorded as refused"
+    monkeypatch.delenv(REFUSE_ENV)
+    remembered = _run_once(x, dy, C, torch.float32)
+    assert _C._single_read_launches() == launches, "a refused kernel was tried again"
+    for name, a, b, c in zip(NAMES, two_pass, refused, remembered):
+        assert torch.equal(a, b) and torch.equal(a, c), f"{name}: the fallback is not the two-pass result"
+
+    _C._clear_cooperative_launch_record()
+    single = _run_once(x, dy, C, torch.float32)
+    assert _C._single_read_launches() == launches + 2, "after clearing the record the single-read kernels run again"
+    for name, a, b in zip(NAMES, two_pass, single):
+        torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
 
 
 SWITCH_SHAPES = [
@@ -377,6 +517,118 @@ def test_cuda_graph_capture(memory_format, cuda_path):
     torch.testing.assert_close(graphed.running_mean, eager.running_mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(graphed.running_var, eager.running_var, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out, out_e, rtol=1e-6, atol=1e-6)
+
+
+# Runs in a fresh process, so that the first launch of every kernel variant (and its
+# attribute and occupancy queries) happens inside the capture.
+CAPTURE_WITHOUT_WARMUP = r"""
+import json, sys
+import torch
+import bnorm_ext
+from bnorm_ext import _C
+
+mf = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}[sys.argv[1]]
+C = 32
+x = (torch.randn(16, C, 12, 12, dtype=torch.float64) * 3 + 5).float().cuda().contiguous(memory_format=mf)
+dy = torch.randn_like(x)
+report = {}
+for phase in ("first_launch_in_capture", "after_an_eager_call"):
+    graphed = bnorm_ext.BatchNorm2d(C, momentum=None).cuda()
+    eager = bnorm_ext.BatchNorm2d(C, momentum=None).cuda()
+    xs = x.clone().requires_grad_()
+    launches = _C._single_read_launches()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = graphed(xs)
+        out.backward(dy)
+    captured_single_read = _C._single_read_launches() - launches
+    for _ in range(3):
+        graph.replay()
+        eager.zero_grad(set_to_none=True)
+        xe = x.clone().requires_grad_()
+        out_e = eager(xe)
+        out_e.backward(dy)
+    torch.cuda.synchronize()
+    tol = dict(rtol=1e-5, atol=1e-5)
+    assert graphed.num_batches_tracked.item() == eager.num_batches_tracked.item() == 3
+    torch.testing.assert_close(graphed.running_mean, eager.running_mean, **tol)
+    torch.testing.assert_close(graphed.running_var, eager.running_var, **tol)
+    torch.testing.assert_close(out, out_e, **tol)
+    torch.testing.assert_close(xs.grad, xe.grad, **tol)
+    torch.testing.assert_close(graphed.weight.grad, eager.weight.grad, **tol)
+    torch.testing.assert_close(graphed.bias.grad, eager.bias.grad, **tol)
+    report[phase] = captured_single_read
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+def test_cuda_graph_capture_without_warmup(memory_format):
+    """A training step captured with no call before it (fresh process): replays match
+    eager steps. The first capture records the two-pass kernels (a cooperative launch
+    never tried outside a capture is not tried inside one); once an eager call has
+    launched them, a capture records the single-read kernels."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    env.pop("BNORM_EXT_CUDA_SINGLE_READ", None)
+    proc = subprocess.run([sys.executable, "-c", CAPTURE_WITHOUT_WARMUP, memory_format], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, f"capture without warm-up failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == {"first_launch_in_capture": 0, "after_an_eager_call": 2}, report
+
+
+# ---------------------------------------------------------------------------
+# torch.compile on CUDA: default mode and reduce-overhead (CUDA graphs)
+# ---------------------------------------------------------------------------
+@pytest.fixture
+def no_tf32():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("memory_format", memory_formats)
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_cuda_torch_compile_training(mode, memory_format, no_tf32):
+    """Conv-BN-ReLU-BN compiled (fullgraph) vs the same model eager, three training
+    steps: outputs, every gradient and buffer after each step; reduce-overhead must
+    really run CUDA graphs (no cudagraph skips)."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, bias=False), bnorm_ext.BatchNorm2d(16), nn.ReLU(),
+                          bnorm_ext.BatchNorm2d(16, momentum=None)).to(DEV).to(memory_format=memory_format)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, mode=mode, fullgraph=True)
+    tol = dict(rtol=1e-4, atol=1e-5)
+    for step in range(3):
+        x = randn_shifted((8, 3, 18, 18), torch.float32, DEV, memory_format=memory_format)
+        dy = torch.randn(8, 16, 16, 16, device=DEV).contiguous(memory_format=memory_format)
+        if mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        for m in (model, eager):
+            m.zero_grad(set_to_none=True)
+        out_c = compiled(x)
+        out_e = eager(x)
+        out_c.backward(dy)
+        out_e.backward(dy)
+        torch.testing.assert_close(out_c, out_e, **tol, msg=lambda m: f"step {step} output: {m}")
+        for (n, p), (_, q) in zip(model.named_parameters(), eager.named_parameters()):
+            assert p.grad is not None, f"step {step}: no grad for {n}"
+            torch.testing.assert_close(p.grad, q.grad, **tol, msg=lambda m: f"step {step} grad {n}: {m}")
+        for (n, b), (_, c) in zip(model.named_buffers(), eager.named_buffers()):
+            if b.dtype == torch.long:
+                assert torch.equal(b, c), f"step {step} {n}: {b} vs {c}"
+            else:
+                torch.testing.assert_close(b, c, **tol, msg=lambda m: f"step {step} buffer {n}: {m}")
+    assert model[1].num_batches_tracked.item() == 3
+    if mode == "reduce-overhead":
+        skips = dict(counters["inductor"])
+        assert not any("cudagraph_skips" in k and v for k, v in skips.items()), f"CUDA graphs skipped: {skips}"
 
 
 # ---------------------------------------------------------------------------

@@ -21,8 +21,30 @@ inline OptTensor contiguous_param(const OptTensor& p) {
   return std::nullopt;
 }
 
-// Running statistics are written in place, so they must be flat already.
-void check_running_contiguous(const char* op, const OptTensor& running_mean, const OptTensor& running_var);
+// A running statistic that the kernels update in place as a flat [C] array:
+// the tensor itself when contiguous, else a contiguous copy that write_back()
+// copies into it once the kernels are enqueued (stream-ordered, no sync), so
+// strided running statistics behave as on the CPU and in torch.
+class FlatRunningStat {
+ public:
+  explicit FlatRunningStat(const OptTensor& stat) : stat_(stat) {
+    if (stat.has_value() && stat->defined()) {
+      flat_ = stat->contiguous();
+    }
+  }
+  const OptTensor& flat() const {
+    return flat_;
+  }
+  void write_back() const {
+    if (flat_.has_value() && !flat_->is_same(*stat_)) {
+      stat_->copy_(*flat_);
+    }
+  }
+
+ private:
+  OptTensor stat_;
+  OptTensor flat_;
+};
 
 template <typename T>
 const T* opt_ptr(const OptTensor& t) {

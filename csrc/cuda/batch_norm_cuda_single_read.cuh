@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "batch_norm_cuda_kernels.cuh"
+#include "cooperative_launch_record.h"
 
 namespace bnorm_ext {
 namespace cuda {
@@ -234,7 +235,9 @@ __global__ void __launch_bounds__(kBlockSize, (single_read_blocks_per_sm<VEC, kC
 }
 
 // Launches the single-read kernel with VEC-element vectors; false (nothing
-// launched) when the input does not fit in the co-resident blocks' shared memory.
+// launched) when the input does not fit in the co-resident blocks' shared
+// memory, or the cooperative launch record says not to try (see
+// cooperative_launch_record.h).
 template <typename Reducer, typename Epilogue, int VEC, bool kChannelsLast>
 bool launch_single_read_layout(
     const Reducer& r,
@@ -271,27 +274,40 @@ bool launch_single_read_layout(
   if (smem > limits.max_dynamic_smem) {
     return false;
   }
-  auto [partials, partials_ptr] = new_partials<Partial, acc_t>(s.C, splits, acc_options);
-  Reducer r_arg = r;
-  Epilogue e_arg = e;
-  int32_t n = static_cast<int32_t>(s.channels_last ? s.reduce_size() : s.N);
-  int32_t c = static_cast<int32_t>(s.C);
-  int32_t l = static_cast<int32_t>(s.L);
-  int32_t splits_arg = static_cast<int32_t>(splits);
-  int32_t segments_arg = static_cast<int32_t>(segments);
-  int32_t slots_arg = static_cast<int32_t>(slots);
-  Partial* out = partials_ptr;
-  void* args[] = {&r_arg, &e_arg, &n, &c, &l, &splits_arg, &segments_arg, &slots_arg, &out};
-  const cudaError_t err = cudaLaunchCooperativeKernel(
-      reinterpret_cast<const void*>(kernel), dim3(static_cast<unsigned>(grid)), block, args,
-      static_cast<size_t>(smem), c10::cuda::getCurrentCUDAStream());
-  if (err == cudaErrorCooperativeLaunchTooLarge) {
-    // NB: fewer SMs than the device reports (e.g. an MPS share): two-pass instead.
-    (void)cudaGetLastError();
-    return false;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  const bool launched = launch_cooperative_recorded(
+      reinterpret_cast<const void*>(kernel), device, grid, capture != cudaStreamCaptureStatusNone, [&] {
+        auto [partials, partials_ptr] = new_partials<Partial, acc_t>(s.C, splits, acc_options);
+        Reducer r_arg = r;
+        Epilogue e_arg = e;
+        int32_t n = static_cast<int32_t>(s.channels_last ? s.reduce_size() : s.N);
+        int32_t c = static_cast<int32_t>(s.C);
+        int32_t l = static_cast<int32_t>(s.L);
+        int32_t splits_arg = static_cast<int32_t>(splits);
+        int32_t segments_arg = static_cast<int32_t>(segments);
+        int32_t slots_arg = static_cast<int32_t>(slots);
+        Partial* out = partials_ptr;
+        void* args[] = {&r_arg, &e_arg, &n, &c, &l, &splits_arg, &segments_arg, &slots_arg, &out};
+        const cudaError_t err = cudaLaunchCooperativeKernel(
+            reinterpret_cast<const void*>(kernel), dim3(static_cast<unsigned>(grid)), block, args,
+            static_cast<size_t>(smem), stream);
+        if (err == cudaErrorCooperativeLaunchTooLarge) {
+          // NB: fewer SMs than the device reports (e.g. an MPS share): recorded,
+          // so later calls go straight to the two-pass kernels.
+          (void)cudaGetLastError();
+          return CooperativeOutcome::kTooLarge;
+        }
+        C10_CUDA_CHECK(err);
+        return CooperativeOutcome::kLaunched;
+      });
+  if (launched) {
+    single_read_launch_count().fetch_add(1, std::memory_order_relaxed);
   }
-  C10_CUDA_CHECK(err);
-  return true;
+  return launched;
 }
 
 // The single-read path for a dense input of shape s; false (nothing launched)

@@ -21,14 +21,6 @@ at::ScalarType param_scalar_type(const Tensor& input, std::initializer_list<cons
   return input.scalar_type();
 }
 
-void check_running_contiguous(const char* op, const OptTensor& running_mean, const OptTensor& running_var) {
-  for (const OptTensor* p : {&running_mean, &running_var}) {
-    TORCH_CHECK(
-        !p->has_value() || !(*p)->defined() || (*p)->is_contiguous(),
-        op, ": expected contiguous running statistics on CUDA (they are updated in place)");
-  }
-}
-
 namespace {
 
 // Threads of the single-block finalize over C channels.
@@ -131,7 +123,6 @@ std::tuple<Tensor, Tensor> batch_norm_gather_stats_cuda(
     double eps) {
   const char* op = "bnorm_ext::batch_norm_gather_stats";
   check_gather_args(op, mean, var, counts, running_mean, running_var, num_batches_tracked, momentum, eps);
-  check_running_contiguous(op, running_mean, running_var);
   c10::cuda::CUDAGuard guard(mean.device());
   const int64_t P = mean.size(0);
   const int64_t C = mean.size(1);
@@ -148,13 +139,14 @@ std::tuple<Tensor, Tensor> batch_norm_gather_stats_cuda(
   // [C, P, 3] Welford partials (count, mean, M2) in mean's dtype.
   const Tensor n = counts.to(mean.scalar_type()).view({P, 1}).expand({P, C});
   const Tensor partials = at::stack({n, mean, var * n}, -1).transpose(0, 1).contiguous();
+  const FlatRunningStat rm(running_mean), rv(running_var);
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "batch_norm_gather_stats_cuda", [&] {
     using acc_t = scalar_t;
     const auto launch = [&](auto param_tag) {
       using param_t = decltype(param_tag);
       finalize_stats_kernel<acc_t, param_t><<<1, finalize_threads(C), 0, c10::cuda::getCurrentCUDAStream()>>>(
           reinterpret_cast<const WelfordData<acc_t>*>(partials.const_data_ptr<acc_t>()), C, P,
-          stats_outputs<acc_t, param_t>(eps, /*output_var=*/false, out_mean, out_invstd, running_mean, running_var,
+          stats_outputs<acc_t, param_t>(eps, /*output_var=*/false, out_mean, out_invstd, rm.flat(), rv.flat(),
                                         num_batches_tracked, momentum));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
@@ -167,6 +159,8 @@ std::tuple<Tensor, Tensor> batch_norm_gather_stats_cuda(
       launch(acc_t{});
     }
   });
+  rm.write_back();
+  rv.write_back();
   return {out_mean, out_invstd};
 }
 
@@ -216,7 +210,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_train_cuda(
   }
   Tensor save_mean = at::empty({s.C}, acc_options);
   Tensor save_invstd = at::empty({s.C}, acc_options);
-  check_running_contiguous(op, running_mean, running_var);
+  const FlatRunningStat rm(running_mean), rv(running_var);
   const Tensor x = dense_input(input);
   const OptTensor w = contiguous_param(weight), b = contiguous_param(bias);
   const auto param_type = param_scalar_type(input, {&weight, &bias, &running_mean, &running_var});
@@ -226,15 +220,17 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_train_cuda(
     using acc_t = acc_type<scalar_t>;
     const NormalizeEpilogue<scalar_t, param_t> epilogue{
         out.mutable_data_ptr<scalar_t>(), opt_ptr<param_t>(w), opt_ptr<param_t>(b),
-        stats_outputs<acc_t, param_t>(eps, /*output_var=*/false, save_mean, save_invstd, running_mean, running_var,
+        stats_outputs<acc_t, param_t>(eps, /*output_var=*/false, save_mean, save_invstd, rm.flat(), rv.flat(),
                                       num_batches_tracked, momentum)};
     const bool aligned = is_aligned16(x.const_data_ptr()) && is_aligned16(out.const_data_ptr());
     if (launch_single_read(StatsReducer<scalar_t>{x.const_data_ptr<scalar_t>()}, epilogue, s, aligned, acc_options)) {
       return;
     }
-    stats_and_finalize<scalar_t, param_t>(x, s, eps, /*output_var=*/false, save_mean, save_invstd, running_mean, running_var, num_batches_tracked, momentum);
+    stats_and_finalize<scalar_t, param_t>(x, s, eps, /*output_var=*/false, save_mean, save_invstd, rm.flat(), rv.flat(), num_batches_tracked, momentum);
     normalize<scalar_t, acc_t, param_t, false>(x, out, s, save_mean, save_invstd, w, b, eps);
   });
+  rm.write_back();
+  rv.write_back();
   return {out, save_mean, save_invstd};
 }
 
