@@ -11,7 +11,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
+
+#include "../batch_norm_math.h"
 
 namespace bnorm_ext {
 namespace cpu {
@@ -47,6 +50,63 @@ struct ElemType<c10::BFloat16> {
 template <typename scalar_t>
 using elem_type = typename ElemType<scalar_t>::type;
 
+// A value of a channel's sums: v - shift, the channel's first value, for
+// double input (large-mean data would cancel); v as is for the others. NB: a
+// run of float32 values sums in double with ~29 bits to spare.
+template <typename scalar_t>
+inline sum_t shifted_value(scalar_t v, sum_t shift) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    return v - shift;
+  } else {
+    return static_cast<sum_t>(v);
+  }
+}
+
+// The shift of a channel whose first value is `first` (see shifted_value).
+template <typename scalar_t>
+inline sum_t sum_shift(scalar_t first) {
+  return std::is_same_v<scalar_t, double> ? static_cast<sum_t>(first) : sum_t(0);
+}
+
+// Per-channel y = x * scale + shift, the float32 normalize, in double.
+// NB: one rounding to float32 per output (torch's float x * alpha + beta
+// rounds three times, and alpha and beta too); the double product and sum err
+// by ~2^-53 |x * scale|, far below that for float32 data with any spread.
+struct ScaleShift {
+  double scale;
+  double shift;
+};
+
+// Per-channel coefficients of the normalize for scalar_t input and y from
+// them: batch_norm_math.h's NormalizeCoeffs in elem_t (float64 keeps x - mean
+// first, for |mean| >> std), ScaleShift for float32.
+template <typename scalar_t>
+struct Normalize {
+  using elem_t = elem_type<scalar_t>;
+  using Coeffs = NormalizeCoeffs<elem_t>;
+  // The mean split hi + lo in elem_t.
+  static Coeffs coeffs(double mean, double invstd, double weight, double bias) {
+    const elem_t mean_hi = static_cast<elem_t>(mean);
+    const elem_t mean_lo = static_cast<elem_t>(mean - static_cast<double>(mean_hi));
+    return normalize_coeffs<elem_t>(mean_hi, invstd, weight, bias, mean_lo);
+  }
+  static elem_t apply(const Coeffs& k, elem_t x) {
+    return normalize_apply(k, x);
+  }
+};
+template <>
+struct Normalize<float> {
+  using elem_t = double;
+  using Coeffs = ScaleShift;
+  static Coeffs coeffs(double mean, double invstd, double weight, double bias) {
+    const double scale = weight * invstd;
+    return {scale, bias - mean * scale};
+  }
+  static double apply(const Coeffs& k, double x) {
+    return x * k.scale + k.shift;
+  }
+};
+
 // Independent accumulators in LaneSum (lets the compiler vectorise a float
 // reduction without reassociating it).
 constexpr int kLanes = 16;
@@ -54,6 +114,42 @@ constexpr int kLanes = 16;
 inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
+
+// Per-channel dx = dy * dy_scale + x * x_scale + shift, the float32 training
+// input gradient, in double: x_scale and shift fold the mean in (exact enough
+// in double, as for ScaleShift), one rounding to float32 per element.
+struct InputGradCoeffs {
+  double dy_scale;
+  double x_scale;
+  double shift;
+};
+
+// Per-channel coefficients of the input gradient for scalar_t input, from the
+// double ones, and dx from them: batch_norm_math.h's BackwardCoeffs in elem_t,
+// InputGradCoeffs for float32. Eval mode uses dy * dy_scale alone.
+template <typename scalar_t>
+struct InputGrad {
+  using elem_t = elem_type<scalar_t>;
+  using Coeffs = BackwardCoeffs<elem_t>;
+  static Coeffs coeffs(const BackwardCoeffs<double>& k) {
+    return {static_cast<elem_t>(k.mean), static_cast<elem_t>(k.dy_scale), static_cast<elem_t>(k.xmu_scale),
+            static_cast<elem_t>(k.shift)};
+  }
+  static elem_t apply(const Coeffs& k, elem_t dy, elem_t x) {
+    return backward_apply(k, dy, x);
+  }
+};
+template <>
+struct InputGrad<float> {
+  using elem_t = double;
+  using Coeffs = InputGradCoeffs;
+  static Coeffs coeffs(const BackwardCoeffs<double>& k) {
+    return {k.dy_scale, k.xmu_scale, k.shift - k.mean * k.xmu_scale};
+  }
+  static double apply(const Coeffs& k, double dy, double x) {
+    return dy * k.dy_scale + (x * k.x_scale + k.shift);
+  }
+};
 
 } // namespace cpu
 } // namespace bnorm_ext

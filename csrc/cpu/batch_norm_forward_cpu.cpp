@@ -111,10 +111,9 @@ Tensor normalize_cpu(
   const std::vector<double> w = param_values(weight, s.C, 1.0);
   const std::vector<double> b = param_values(bias, s.C, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_elemt_cpu", [&] {
-    using elem_t = elem_type<scalar_t>;
-    std::vector<NormalizeCoeffs<elem_t>> coeffs(s.C);
+    std::vector<typename Normalize<scalar_t>::Coeffs> coeffs(s.C);
     for (int64_t c = 0; c < s.C; ++c) {
-      coeffs[c] = isa_default::coeffs_from_double<elem_t>(mean[c], invstd[c], w[c], b[c]);
+      coeffs[c] = Normalize<scalar_t>::coeffs(mean[c], invstd[c], w[c], b[c]);
     }
     BNORM_EXT_CPU_DISPATCH(normalize<scalar_t>(x, out, s, coeffs));
   });
@@ -251,8 +250,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_train_cpu(
   const std::vector<Stats> stats = stats_cpu(input, s);
   update_running_stats_cpu(running_mean, running_var, num_batches_tracked, momentum, stats);
   const ChannelMoments moments = channel_moments(stats, eps);
-  // NB: normalized with the double statistics (the mean as hi + lo in elem_t),
-  // more accurate than the acc-rounded save_mean when |mean| >> std.
+  // NB: normalized with the double statistics, more accurate than the
+  // acc-rounded save_mean when |mean| >> std.
   Tensor out = normalize_cpu(input, s, weight, bias, moments.mean, moments.spread);
   auto [save_mean, save_invstd] = saved_stats(moments, input);
   return {out, save_mean, save_invstd};
