@@ -110,6 +110,9 @@ struct Normalize<float> {
 // Independent accumulators in LaneSum (lets the compiler vectorise a float
 // reduction without reassociating it).
 constexpr int kLanes = 16;
+// Iterations (of kLanes values, or channels-last rows) the gradient sums add
+// in float before adding the run into double (LaneSum::add_pair_runs).
+constexpr int64_t kRunIters = 16;
 
 inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
