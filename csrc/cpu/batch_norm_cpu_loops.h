@@ -77,12 +77,14 @@ struct ScaleShift {
   double shift;
 };
 
-// Per-channel coefficients of the normalize for scalar_t input and y from
-// them: batch_norm_math.h's NormalizeCoeffs in elem_t (float64 keeps x - mean
-// first, for |mean| >> std), ScaleShift for float32.
-template <typename scalar_t>
+// Per-channel coefficients of the normalize for scalar_t input computed in
+// elem_t, and y from them: batch_norm_math.h's NormalizeCoeffs (float64 keeps
+// x - mean first, for |mean| >> std), ScaleShift for float32 in double.
+// NB: eval mode normalizes float32 in float (Normalize<float, float>, as
+// before: no statistics of ours in it, and the double form costs it time).
+template <typename scalar_t, typename elem_type_t = elem_type<scalar_t>>
 struct Normalize {
-  using elem_t = elem_type<scalar_t>;
+  using elem_t = elem_type_t;
   using Coeffs = NormalizeCoeffs<elem_t>;
   // The mean split hi + lo in elem_t.
   static Coeffs coeffs(double mean, double invstd, double weight, double bias) {
@@ -95,7 +97,7 @@ struct Normalize {
   }
 };
 template <>
-struct Normalize<float> {
+struct Normalize<float, double> {
   using elem_t = double;
   using Coeffs = ScaleShift;
   static Coeffs coeffs(double mean, double invstd, double weight, double bias) {
