@@ -27,11 +27,12 @@ constexpr int64_t kTaskElems = int64_t(1) << 15;
 constexpr int64_t kBlockElems = int64_t(1) << 18;
 // Type the CPU kernels sum statistics and gradient sums in, for every input
 // dtype. NB: a float sum of n values loses about sqrt(n) ulps; torch's CPU
-// kernels sum float32 NCHW statistics in double, and so do we, in both layouts
-// and in the backward (per-element double adds: no run of float sums at all).
+// kernels sum float32 NCHW statistics in double per element, and so do we, in
+// both layouts; gradient sums add float runs of kRunIters values into double
+// (torch: a float run per plane).
 using sum_t = double;
 
-// Type the CPU elementwise kernels (normalize, input gradient) compute in:
+// Type the CPU elementwise kernels (training normalize, input gradient) compute in:
 // double for float32 input, so each output is rounded to float32 once (torch's
 // x * alpha + beta in float rounds it three times, and alpha and beta too); the
 // float opmath type for half and bfloat16, whose own rounding dominates.
