@@ -60,6 +60,7 @@ def _batch_norm(
         return torch.ops.bnorm_ext.batch_norm_forward_train(
             input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
         )[0]
+    assert running_mean is not None and running_var is not None  # checked above; for TorchScript
     return torch.ops.bnorm_ext.batch_norm_forward_eval(input, weight, bias, running_mean, running_var, eps)
 
 

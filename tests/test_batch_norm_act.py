@@ -392,8 +392,7 @@ class SiLUBlock(nn.Module):
         z = F.leaky_relu(self.bn4(self.conv4(y)), 0.1, inplace=True)
         b5 = self.bn5(self.conv5(z))
         w = F.relu(b5) + b5  # BN output with another user: stays unfused
-        v = self.bn6(self.conv6(w))
-        v += y
+        v = torch.add(y, self.bn6(self.conv6(w)))  # residual first; resnet has `bn_out += residual`
         return F.silu(v)
 
 
@@ -441,3 +440,18 @@ def test_instruction_set_builds_and_thread_count(shape, memory_format, isa, monk
         grads_ref = torch.autograd.grad(ref, d, dy.double())
         for ours, theirs in zip(results[1:], (grads_ref[0], grads_ref[1], grads_ref[2], grads_ref[3])):
             torch.testing.assert_close(ours.double(), theirs, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_residual_and_grad_in_other_layouts(training):
+    # The residual (and grad_out) may have any strides; the output has the input's layout.
+    x, w, b, _, rm, rv = make_case((3, 8, 5, 6), torch.float64, "cpu", torch.channels_last)
+    r = torch.randn(3, 8, 5, 12, dtype=torch.float64)[..., ::2]  # non-dense view
+    leaves = [t.requires_grad_() for t in (x, w, b, r)]
+    out = bnorm_ext.batch_norm_act(x, rm.clone(), rv.clone(), w, b, training, activation="silu", residual=r)
+    ref = composed(x, rm.clone(), rv.clone(), w, b, training, "silu", r)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, ref, 1e-12, 1e-12, "output")
+    g = torch.randn(3, 8, 6, 5, dtype=torch.float64).transpose(2, 3)
+    for name, ours, theirs in zip("xwbr", torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, leaves, g)):
+        assert_close(ours, theirs, 1e-11, 1e-11, f"grad {name}")
