@@ -48,11 +48,9 @@ void store_values(const Tensor& t, const std::vector<double>& v);
 // C doubles as a [C] tensor of `dtype` on input's device.
 Tensor channel_tensor(const std::vector<double>& v, const Tensor& input, at::ScalarType dtype);
 
-// Per-channel (count, mean, M2) of the input (batch_norm_forward_cpu.cpp).
-std::vector<WelfordData<double>> stats_cpu(const Tensor& input, const BatchNormShape& s);
-
 // Increments num_batches_tracked (if given) and updates the running stats
-// (if given) from absolute per-channel statistics, as torch does.
+// (if given) from absolute per-channel statistics, as torch does
+// (batch_norm_forward_cpu.cpp, as the two below).
 void update_running_stats_cpu(
     const OptTensor& running_mean,
     const OptTensor& running_var,
