@@ -455,3 +455,21 @@ def test_residual_and_grad_in_other_layouts(training):
     g = torch.randn(3, 8, 6, 5, dtype=torch.float64).transpose(2, 3)
     for name, ours, theirs in zip("xwbr", torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, leaves, g)):
         assert_close(ours, theirs, 1e-11, 1e-11, f"grad {name}")
+
+
+def test_torch_compile_fullgraph_module_train():
+    # The fused module under torch.compile(fullgraph=True): forward, every gradient and the
+    # running stats as in eager (the same kernels run).
+    eager = bnorm_ext.BatchNormAct2d(8, activation="silu")
+    compiled_module = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_module, fullgraph=True)
+    x = randn_shifted((4, 8, 6, 6)).requires_grad_()
+    r = torch.randn(4, 8, 6, 6, requires_grad=True)
+    y_eager, y_compiled = eager(x, r), compiled(x, r)
+    torch.testing.assert_close(y_compiled, y_eager)
+    g = torch.randn_like(y_eager)
+    grads_eager = torch.autograd.grad(y_eager, [x, r, eager.weight, eager.bias], g)
+    grads_compiled = torch.autograd.grad(y_compiled, [x, r, compiled_module.weight, compiled_module.bias], g)
+    for a, b in zip(grads_compiled, grads_eager):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(compiled_module.running_var, eager.running_var)
