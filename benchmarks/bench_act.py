@@ -13,7 +13,10 @@ Passes
 
 Measurement: bench.time_cpu (warm-up, calls per sample calibrated, ours and torch interleaved per
 repeat, alternating who goes first); the figure is the median; ratio = ours / torch (< 1: faster).
-Before timing, outputs and gradients of the two are compared (float32 tolerances).
+Before timing, the fused module's output and gradients are compared with bnorm_ext.BatchNorm2d
+followed by torch's add/ReLU (the same BatchNorm kernels; float32 tolerances) and its output with
+torch's. NB: not torch's gradients: where BN's output is within rounding of 0 the two BatchNorm
+kernels can round to opposite sides, and ReLU's mask (so the gradient) differs there.
 """
 
 import argparse
@@ -43,6 +46,8 @@ def make_case(shape, layout, residual):
         theirs.bias.uniform_(-1, 1)
     ours = bnorm_ext.BatchNormAct2d(C, activation="relu")
     ours.load_state_dict(theirs.state_dict())
+    plain = bnorm_ext.BatchNorm2d(C)
+    plain.load_state_dict(theirs.state_dict())
 
     def torch_fwd():
         y = theirs(x)
@@ -50,6 +55,10 @@ def make_case(shape, layout, residual):
 
     def ours_fwd():
         return ours(x, r)
+
+    def plain_fwd():
+        y = plain(x)
+        return F.relu(y + r) if residual else F.relu(y)
 
     leaves = [x, r] if residual else [x]
 
@@ -59,13 +68,15 @@ def make_case(shape, layout, residual):
             return torch.autograd.grad(y, leaves + [module.weight, module.bias], g)
         return run
 
-    return {"fwd": (ours_fwd, torch_fwd), "fwd+bwd": (with_bwd(ours_fwd, ours), with_bwd(torch_fwd, theirs))}
+    cases = {"fwd": (ours_fwd, torch_fwd), "fwd+bwd": (with_bwd(ours_fwd, ours), with_bwd(torch_fwd, theirs))}
+    reference = {"fwd": plain_fwd, "fwd+bwd": with_bwd(plain_fwd, plain)}
+    return cases, reference
 
 
-def check(case):
-    (ours, theirs) = case["fwd+bwd"]
-    for a, b in zip(ours(), theirs()):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+def check(cases, reference):
+    torch.testing.assert_close(cases["fwd"][0](), cases["fwd"][1](), rtol=1e-4, atol=1e-4)
+    for a, b in zip(cases["fwd+bwd"][0](), reference["fwd+bwd"]()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def main(argv=None):
@@ -80,9 +91,9 @@ def main(argv=None):
     for shape in shapes:
         for layout in ("nchw", "channels_last"):
             for residual in (False, True):
-                case = make_case(shape, layout, residual)
-                check(case)
-                for pass_, (ours, theirs) in case.items():
+                cases, reference = make_case(shape, layout, residual)
+                check(cases, reference)
+                for pass_, (ours, theirs) in cases.items():
                     samples, _ = time_cpu({"ours": ours, "torch": theirs}, repeats, 2, 20.0)
                     o, t = statistics.median(samples["ours"]), statistics.median(samples["torch"])
                     pattern = "BN+add+ReLU" if residual else "BN+ReLU"
