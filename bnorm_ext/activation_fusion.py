@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activation import BatchNormAct2d
-from .fusion import _LeafTracer
 from .modules import BatchNorm2d
 
 # BatchNorm classes that become BatchNormAct2d (exact types: subclasses such as
@@ -23,7 +22,9 @@ _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 
 
-class _FusionTracer(_LeafTracer):
+# NB: our BatchNorm modules (and BatchNormAct2d) record themselves as
+# call_module leaves (modules._fx_leaf_call), so a plain fx.Tracer suffices.
+class _FusionTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return type(m) is BatchNormAct2d or super().is_leaf_module(m, module_qualified_name)
 

@@ -18,10 +18,6 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from .modules import _TO_OURS, _TO_TORCH, BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .sync_batchnorm import SyncBatchNorm
-
-# traced as call_module nodes, as torch's BatchNorm and SyncBatchNorm are (they live in torch.nn)
-_LEAF_CLASSES = (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm)
 
 # (preceding layer, BatchNorm classes), in the order torch's fuse tries them.
 _FUSE_PATTERNS = [
@@ -30,18 +26,6 @@ _FUSE_PATTERNS = [
     (nn.Conv3d, (nn.BatchNorm3d, BatchNorm3d)),
     (nn.Linear, (nn.BatchNorm1d, BatchNorm1d)),
 ]
-
-
-class _LeafTracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return type(m) in _LEAF_CLASSES or super().is_leaf_module(m, module_qualified_name)
-
-
-def _trace(model: nn.Module) -> fx.GraphModule:
-    tracer = _LeafTracer()
-    graph = tracer.trace(model)
-    name = model.__class__.__name__ if isinstance(model, nn.Module) else model.__name__
-    return fx.GraphModule(tracer.root, graph, name)
 
 
 def _module_of(node, modules):
@@ -63,7 +47,7 @@ def fuse_conv_bn(model: nn.Module, inplace: bool = False, no_trace: bool = False
     if not inplace:
         model = copy.deepcopy(model)
     if not no_trace or not isinstance(model, fx.GraphModule):
-        fx_model = _trace(model)
+        fx_model = fx.symbolic_trace(model)  # our BatchNorm modules trace as leaves, like torch's
     else:
         fx_model = model
     modules = dict(fx_model.named_modules())

@@ -105,6 +105,62 @@ def randn_shifted(shape, dtype=torch.float32, device="cpu", scale=3.0, shift=5.0
     return x
 
 
+def natural_images(batch, size, generator):
+    """[batch, 3, size, size] float64 images that look natural to a conv net: a 1/f amplitude
+    spectrum, smooth gradients, per-image offsets, clipped to [0, 1] and normalised like ImageNet
+    inputs (so non-zero mean per channel)."""
+    fy = torch.fft.fftfreq(size, dtype=torch.float64).view(-1, 1)
+    fx = torch.fft.rfftfreq(size, dtype=torch.float64).view(1, -1)
+    radius = torch.sqrt(fx * fx + fy * fy)
+    radius[0, 0] = 1.0 / size
+    noise = torch.randn(batch, 3, size, size, dtype=torch.float64, generator=generator)
+    smooth = torch.fft.irfft2(torch.fft.rfft2(noise) / radius, s=(size, size))
+    smooth = smooth / smooth.std(dim=(2, 3), keepdim=True)
+    ramp = torch.linspace(-1, 1, size, dtype=torch.float64)
+    angle = torch.rand(batch, 1, 1, 1, dtype=torch.float64, generator=generator) * 2 * np.pi
+    gradient = torch.cos(angle) * ramp.view(1, 1, 1, -1) + torch.sin(angle) * ramp.view(1, 1, -1, 1)
+    offset = 0.3 * torch.rand(batch, 3, 1, 1, dtype=torch.float64, generator=generator)
+    img = (0.3 + 0.12 * smooth + 0.15 * gradient + offset).clamp(0, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
+    return (img - mean) / std
+
+
+def bn_layer_cases(model, x, generator):
+    """Activations of every BatchNorm2d of float64 `model` in training mode on input x.
+
+    Gives each BN layer random affine parameters and running stats (as a trained model has),
+    runs the model on x and a random linear loss on its output backward; returns
+    [(name, input, grad_of_output, weight, bias, running_mean, running_var)], all float64, with
+    the parameters and running stats as they were before the forward."""
+    model = model.double().train()
+    bns = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for _, m in bns:
+            C = m.num_features
+            m.weight.copy_(1 + 0.25 * torch.randn(C, dtype=torch.float64, generator=generator))
+            m.bias.copy_(0.25 * torch.randn(C, dtype=torch.float64, generator=generator))
+            m.running_mean.copy_(torch.randn(C, dtype=torch.float64, generator=generator))
+            m.running_var.copy_(0.5 + torch.rand(C, dtype=torch.float64, generator=generator))
+    params = {n: [t.detach().clone() for t in (m.weight, m.bias, m.running_mean, m.running_var)] for n, m in bns}
+    inputs, grads = {}, {}
+
+    def capture(name, module, args, out):
+        inputs[name] = args[0].detach()
+        # NB: a tensor hook registered before an in-place op (ReLU(inplace=True), +=) gets the
+        # gradient of the value before it, i.e. of the BN output.
+        out.register_hook(lambda grad: grads.__setitem__(name, grad.detach()))
+
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=n: capture(name, mod, args, out)) for n, m in bns]
+    try:
+        y = model(x)
+        (y * torch.randn(y.shape, dtype=torch.float64, generator=generator)).sum().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return [(n, inputs[n], grads[n], *params[n]) for n, _ in bns]
+
+
 def cl_format_for(ndim):
     if ndim == 4:
         return torch.channels_last

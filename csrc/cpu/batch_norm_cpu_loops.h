@@ -6,10 +6,15 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
+
+#include "../batch_norm_math.h"
 
 namespace bnorm_ext {
 namespace cpu {
@@ -20,13 +25,137 @@ constexpr int64_t kTaskElems = int64_t(1) << 15;
 // Elements one [M, C] block handles: blocks are merged channel by channel
 // (C Chan merges each), so they are larger; still L2-sized.
 constexpr int64_t kBlockElems = int64_t(1) << 18;
+// Type the CPU kernels sum statistics and gradient sums in, for every input
+// dtype. NB: a float sum of n values loses about sqrt(n) ulps; torch's CPU
+// kernels sum float32 NCHW statistics in double per element, and so do we, in
+// both layouts; gradient sums add float runs of kRunIters values into double
+// (torch: a float run per plane).
+using sum_t = double;
+
+// Type the CPU elementwise kernels (training normalize, input gradient) compute in:
+// double for float32 input, so each output is rounded to float32 once (torch's
+// x * alpha + beta in float rounds it three times, and alpha and beta too); the
+// float opmath type for half and bfloat16, whose own rounding dominates.
+template <typename scalar_t>
+struct ElemType {
+  using type = double;
+};
+template <>
+struct ElemType<c10::Half> {
+  using type = float;
+};
+template <>
+struct ElemType<c10::BFloat16> {
+  using type = float;
+};
+template <typename scalar_t>
+using elem_type = typename ElemType<scalar_t>::type;
+
+// A value of a channel's sums: v - shift, the channel's first value, for
+// double input (large-mean data would cancel); v as is for the others. NB: a
+// run of float32 values sums in double with ~29 bits to spare.
+template <typename scalar_t>
+inline sum_t shifted_value(scalar_t v, sum_t shift) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    return v - shift;
+  } else {
+    return static_cast<sum_t>(v);
+  }
+}
+
+// The shift of a channel whose first value is `first` (see shifted_value).
+template <typename scalar_t>
+inline sum_t sum_shift(scalar_t first) {
+  return std::is_same_v<scalar_t, double> ? static_cast<sum_t>(first) : sum_t(0);
+}
+
+// Per-channel y = x * scale + shift, the float32 normalize, in double.
+// NB: one rounding to float32 per output (torch's float x * alpha + beta
+// rounds three times, and alpha and beta too); the double product and sum err
+// by ~2^-53 |x * scale|, far below that for float32 data with any spread.
+struct ScaleShift {
+  double scale;
+  double shift;
+};
+
+// Per-channel coefficients of the normalize for scalar_t input computed in
+// elem_t, and y from them: batch_norm_math.h's NormalizeCoeffs (float64 keeps
+// x - mean first, for |mean| >> std), ScaleShift for float32 in double.
+// NB: eval mode normalizes float32 in float (Normalize<float, float>, as
+// before: no statistics of ours in it, and the double form costs it time).
+template <typename scalar_t, typename elem_type_t = elem_type<scalar_t>>
+struct Normalize {
+  using elem_t = elem_type_t;
+  using Coeffs = NormalizeCoeffs<elem_t>;
+  // The mean split hi + lo in elem_t.
+  static Coeffs coeffs(double mean, double invstd, double weight, double bias) {
+    const elem_t mean_hi = static_cast<elem_t>(mean);
+    const elem_t mean_lo = static_cast<elem_t>(mean - static_cast<double>(mean_hi));
+    return normalize_coeffs<elem_t>(mean_hi, invstd, weight, bias, mean_lo);
+  }
+  static elem_t apply(const Coeffs& k, elem_t x) {
+    return normalize_apply(k, x);
+  }
+};
+template <>
+struct Normalize<float, double> {
+  using elem_t = double;
+  using Coeffs = ScaleShift;
+  static Coeffs coeffs(double mean, double invstd, double weight, double bias) {
+    const double scale = weight * invstd;
+    return {scale, bias - mean * scale};
+  }
+  static double apply(const Coeffs& k, double x) {
+    return x * k.scale + k.shift;
+  }
+};
+
 // Independent accumulators in LaneSum (lets the compiler vectorise a float
 // reduction without reassociating it).
 constexpr int kLanes = 16;
+// Iterations (of kLanes values, or channels-last rows) the gradient sums add
+// in float before adding the run into double (LaneSum::add_pair_runs).
+constexpr int64_t kRunIters = 16;
 
 inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
+
+// Per-channel dx = dy * dy_scale + x * x_scale + shift, the float32 training
+// input gradient, in double: x_scale and shift fold the mean in (exact enough
+// in double, as for ScaleShift), one rounding to float32 per element.
+struct InputGradCoeffs {
+  double dy_scale;
+  double x_scale;
+  double shift;
+};
+
+// Per-channel coefficients of the input gradient for scalar_t input, from the
+// double ones, and dx from them: batch_norm_math.h's BackwardCoeffs in elem_t,
+// InputGradCoeffs for float32. Eval mode uses dy * dy_scale alone.
+template <typename scalar_t>
+struct InputGrad {
+  using elem_t = elem_type<scalar_t>;
+  using Coeffs = BackwardCoeffs<elem_t>;
+  static Coeffs coeffs(const BackwardCoeffs<double>& k) {
+    return {static_cast<elem_t>(k.mean), static_cast<elem_t>(k.dy_scale), static_cast<elem_t>(k.xmu_scale),
+            static_cast<elem_t>(k.shift)};
+  }
+  static elem_t apply(const Coeffs& k, elem_t dy, elem_t x) {
+    return backward_apply(k, dy, x);
+  }
+};
+template <>
+struct InputGrad<float> {
+  using elem_t = double;
+  using Coeffs = InputGradCoeffs;
+  static Coeffs coeffs(const BackwardCoeffs<double>& k) {
+    return {k.dy_scale, k.xmu_scale, k.shift - k.mean * k.xmu_scale};
+  }
+  static double apply(const Coeffs& k, double dy, double x) {
+    return dy * k.dy_scale + (x * k.x_scale + k.shift);
+  }
+};
 
 } // namespace cpu
 } // namespace bnorm_ext

@@ -96,13 +96,16 @@ Tensor channel_tensor(const std::vector<double>& v, const Tensor& input, at::Sca
   return t;
 }
 
+// training: batch statistics (float32 computed in double, see Normalize);
+// otherwise running statistics (eval).
 Tensor normalize_cpu(
     const Tensor& input,
     const BatchNormShape& s,
     const OptTensor& weight,
     const OptTensor& bias,
     const std::vector<double>& mean,
-    const std::vector<double>& invstd) {
+    const std::vector<double>& invstd,
+    bool training) {
   Tensor out = at::empty_like(input, output_memory_format(input));
   if (input.numel() == 0) {
     return out;
@@ -111,12 +114,19 @@ Tensor normalize_cpu(
   const std::vector<double> w = param_values(weight, s.C, 1.0);
   const std::vector<double> b = param_values(bias, s.C, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_elemt_cpu", [&] {
-    using acc_t = acc_type<scalar_t>;
-    std::vector<NormalizeCoeffs<acc_t>> coeffs(s.C);
-    for (int64_t c = 0; c < s.C; ++c) {
-      coeffs[c] = isa_default::coeffs_from_double<acc_t>(mean[c], invstd[c], w[c], b[c]);
+    const auto run = [&](auto op) {
+      using Op = decltype(op);
+      std::vector<typename Op::Coeffs> coeffs(s.C);
+      for (int64_t c = 0; c < s.C; ++c) {
+        coeffs[c] = Op::coeffs(mean[c], invstd[c], w[c], b[c]);
+      }
+      BNORM_EXT_CPU_DISPATCH(normalize<scalar_t, Op>(x, out, s, coeffs));
+    };
+    if (training) {
+      run(Normalize<scalar_t>{});
+    } else {
+      run(Normalize<scalar_t, acc_type<scalar_t>>{});
     }
-    BNORM_EXT_CPU_DISPATCH(normalize<scalar_t>(x, out, s, coeffs));
   });
   return out;
 }
@@ -217,7 +227,7 @@ Tensor batch_norm_elemt_cpu(
     const Tensor& invstd) {
   const char* op = "bnorm_ext::batch_norm_elemt";
   const BatchNormShape s = check_elemt_args(op, input, weight, bias, mean, invstd);
-  return normalize_cpu(input, s, weight, bias, param_values(mean, s.C, 0.0), param_values(invstd, s.C, 0.0));
+  return normalize_cpu(input, s, weight, bias, param_values(mean, s.C, 0.0), param_values(invstd, s.C, 0.0), /*training=*/true);
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_train_cpu(
@@ -245,9 +255,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_train_cpu(
   const std::vector<Stats> stats = stats_cpu(input, s);
   update_running_stats_cpu(running_mean, running_var, num_batches_tracked, momentum, stats);
   const ChannelMoments moments = channel_moments(stats, eps);
-  // NB: normalized with the double statistics (the mean as hi + lo in acc_t),
-  // more accurate than the acc-rounded save_mean when |mean| >> std.
-  Tensor out = normalize_cpu(input, s, weight, bias, moments.mean, moments.spread);
+  // NB: normalized with the double statistics, more accurate than the
+  // acc-rounded save_mean when |mean| >> std.
+  Tensor out = normalize_cpu(input, s, weight, bias, moments.mean, moments.spread, /*training=*/true);
   auto [save_mean, save_invstd] = saved_stats(moments, input);
   return {out, save_mean, save_invstd};
 }
@@ -266,7 +276,7 @@ Tensor batch_norm_forward_eval_cpu(
   for (double& v : invstd) {
     v = invstd_from_var(v, eps);
   }
-  return normalize_cpu(input, s, weight, bias, mean, invstd);
+  return normalize_cpu(input, s, weight, bias, mean, invstd, /*training=*/false);
 }
 
 } // namespace
