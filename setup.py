@@ -50,6 +50,8 @@ def _extension():
 
     debug = _flag("BNORM_EXT_DEBUG") is True
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    # C++ files of the CUDA backend (host-only code), compiled only in the CUDA build.
+    cuda_host_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     want_cuda = _flag("BNORM_EXT_CUDA")
     can_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and bool(cuda_sources)
     if want_cuda and not can_cuda:
@@ -82,7 +84,7 @@ def _extension():
     define_macros += [("BNORM_EXT_WITH_CUDA", None), ("BNORM_EXT_CUDA_ARCHS", f'"{archs}"')]
     return cpp_extension.CUDAExtension(
         "bnorm_ext._C",
-        sources + cuda_sources,
+        sources + cuda_sources + cuda_host_sources,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         define_macros=define_macros,
         extra_link_args=extra_link_args,

@@ -10,6 +10,8 @@ from . import _C  # noqa: F401  (registers the ops and their kernels)
 from . import _fake  # noqa: F401  (fake kernels for torch.compile / FakeTensor)
 from . import _onnx, fusion
 from .functional import BatchNormFunction, batch_norm
+from .activation import BatchNormAct2d, batch_norm_act
+from .activation_fusion import fuse_activations
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -26,14 +28,17 @@ fusion.register()
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNormAct2d",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchNormFunction",
     "SyncBatchNorm",
     "batch_norm",
+    "batch_norm_act",
     "build_info",
     "convert_batchnorm",
+    "fuse_activations",
     "fuse_conv_bn",
     "revert_batchnorm",
 ]

@@ -63,3 +63,27 @@ def _(grad_out, input, mean):
 @torch.library.register_fake("bnorm_ext::batch_norm_backward_elemt")
 def _(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, counts):
     return _like_output(input)
+
+
+@torch.library.register_fake("bnorm_ext::batch_norm_act_forward_train")
+def _(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, residual, activation,
+      negative_slope):
+    return _like_output(input), _channel_stat(input), _channel_stat(input)
+
+
+@torch.library.register_fake("bnorm_ext::batch_norm_act_forward_eval")
+def _(input, weight, bias, running_mean, running_var, eps, residual, activation, negative_slope):
+    return _like_output(input)
+
+
+@torch.library.register_fake("bnorm_ext::batch_norm_act_backward")
+def _(grad_out, output, input, weight, bias, running_mean, running_var, save_mean, save_invstd, residual, training,
+      eps, need_grad_residual, activation, negative_slope):
+    param_dtype = weight.dtype if weight is not None else _acc_dtype(input.dtype)
+    C = input.shape[1]
+    return (
+        _like_output(input),
+        input.new_empty((C,), dtype=param_dtype),
+        input.new_empty((C,), dtype=param_dtype),
+        _like_output(input) if need_grad_residual else input.new_empty((0,)),
+    )

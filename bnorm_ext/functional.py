@@ -23,6 +23,26 @@ def _verify_batch_size(size: List[int]) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
 
 
+def _check_batch_norm_args(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    eps: float,
+    api: str,
+) -> None:
+    # F.batch_norm's checks (same exceptions and messages); TorchScript-compatible.
+    if training:
+        _verify_batch_size(input.size())
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+        return
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if running_mean is None or running_var is None:
+        raise RuntimeError(f"{api}: running_mean and running_var must be given when training=False")
+
+
 def _batch_norm(
     input: Tensor,
     running_mean: Optional[Tensor],
@@ -35,17 +55,12 @@ def _batch_norm(
     num_batches_tracked: Optional[Tensor] = None,
 ) -> Tensor:
     # F.batch_norm's checks, then one op; TorchScript-compatible.
+    _check_batch_norm_args(input, running_mean, running_var, training, eps, "bnorm_ext.batch_norm")
     if training:
-        _verify_batch_size(input.size())
-        if eps <= 0.0:
-            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
         return torch.ops.bnorm_ext.batch_norm_forward_train(
             input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
         )[0]
-    if eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    if running_mean is None or running_var is None:
-        raise RuntimeError("bnorm_ext.batch_norm: running_mean and running_var must be given when training=False")
+    assert running_mean is not None and running_var is not None  # checked above; for TorchScript
     return torch.ops.bnorm_ext.batch_norm_forward_eval(input, weight, bias, running_mean, running_var, eps)
 
 

@@ -1,6 +1,6 @@
 """Drop-in BatchNorm modules: torch's classes with the forward replaced."""
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, fx, nn
@@ -31,6 +31,24 @@ class _BatchNormForward:
 
     def _batch_norm_forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        running_mean, running_var, bn_training, momentum, num_batches_tracked = self._batch_norm_mode()
+        return _batch_norm(
+            input,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            bn_training,
+            momentum,
+            self.eps,
+            num_batches_tracked,
+        )
+
+    def _batch_norm_mode(
+        self,
+    ) -> Tuple[Optional[Tensor], Optional[Tensor], bool, Optional[float], Optional[Tensor]]:
+        # (running_mean, running_var, training, momentum, num_batches_tracked) of
+        # the op call, as torch's _BatchNorm.forward decides them.
         momentum: Optional[float] = self.momentum
         num_batches_tracked: Optional[Tensor] = None
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -42,15 +60,11 @@ class _BatchNormForward:
         else:
             bn_training = (self.running_mean is None) and (self.running_var is None)
         track = not self.training or self.track_running_stats
-        return _batch_norm(
-            input,
+        return (
             self.running_mean if track else None,
             self.running_var if track else None,
-            self.weight,
-            self.bias,
             bn_training,
             momentum,
-            self.eps,
             num_batches_tracked,
         )
 

@@ -193,6 +193,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     # torch's own checks and messages
     _check_input_dim = nn.SyncBatchNorm._check_input_dim
     _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
+    # what _BatchNormForward._batch_norm_forward (the single-process path) reads
+    _batch_norm_mode = _BatchNormForward._batch_norm_mode
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):

@@ -329,4 +329,43 @@ BatchNormShape check_backward_args(
   return s;
 }
 
+Activation parse_activation(const char* op, std::string_view name, double negative_slope) {
+  Activation act = Activation::kIdentity;
+  if (name == "identity") {
+    act = Activation::kIdentity;
+  } else if (name == "relu") {
+    act = Activation::kRelu;
+  } else if (name == "leaky_relu") {
+    act = Activation::kLeakyRelu;
+  } else if (name == "silu") {
+    act = Activation::kSilu;
+  } else {
+    TORCH_CHECK_VALUE(
+        false, op, ": expected activation 'identity', 'relu', 'leaky_relu' or 'silu', got '", std::string(name), "'");
+  }
+  TORCH_CHECK_VALUE(
+      act != Activation::kLeakyRelu || negative_slope >= 0.0,
+      op, ": leaky_relu needs negative_slope >= 0 (the backward reads the sign from the output), got ",
+      negative_slope);
+  return act;
+}
+
+void check_like_input(const char* op, const char* name, const Tensor& input, const OptTensor& t) {
+  if (!t.has_value() || !t->defined()) {
+    return;
+  }
+  const Tensor& r = *t;
+  TORCH_CHECK(
+      r.sizes() == input.sizes(),
+      op, ": expected ", name, " of the input's size ", input.sizes(), ", got ", r.sizes());
+  TORCH_CHECK(
+      r.scalar_type() == input.scalar_type(),
+      op, ": expected ", name, " of the input's dtype ", input.scalar_type(), ", got ", r.scalar_type());
+  TORCH_CHECK(
+      r.device() == input.device(),
+      op, ": expected ", name, " on the input's device ", input.device(), ", got ", r.device());
+  TORCH_CHECK(
+      r.layout() == at::kStrided, op, ": expected a strided (dense) ", name, ", got layout ", r.layout());
+}
+
 } // namespace bnorm_ext

@@ -6,6 +6,9 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string_view>
+
+#include "batch_norm_math.h"
 
 namespace bnorm_ext {
 
@@ -114,5 +117,14 @@ BatchNormShape check_backward_args(
     const char* op, const Tensor& grad_out, const Tensor& input, const OptTensor& weight,
     const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& save_mean,
     const OptTensor& save_invstd, bool training, double eps);
+
+// The activation a fused op's `activation` argument names: identity, relu,
+// leaky_relu or silu (ValueError otherwise, and for leaky_relu with
+// negative_slope < 0, whose derivative the output could not decide).
+Activation parse_activation(const char* op, std::string_view name, double negative_slope);
+
+// A fused op's residual or saved output, `name`: input's shape, dtype and
+// device (None allowed).
+void check_like_input(const char* op, const char* name, const Tensor& input, const OptTensor& t);
 
 } // namespace bnorm_ext

@@ -213,4 +213,43 @@ C10_HOST_DEVICE inline acc_t running_update(
   return (acc_t(1) - factor) * running + factor * batch;
 }
 
+// Activation after the normalization (and the residual add) of the fused ops:
+// y = act(z), z = BN(x) [+ residual].
+enum class Activation { kIdentity, kRelu, kLeakyRelu, kSilu };
+
+template <Activation A, typename acc_t>
+C10_HOST_DEVICE inline acc_t activation_apply(acc_t z, acc_t negative_slope) {
+  if constexpr (A == Activation::kRelu) {
+    // NB: NaN stays NaN, as torch.relu (z > 0 is false for NaN, so test z < 0).
+    return z < acc_t(0) ? acc_t(0) : z;
+  } else if constexpr (A == Activation::kLeakyRelu) {
+    return z > acc_t(0) ? z : z * negative_slope;
+  } else if constexpr (A == Activation::kSilu) {
+    return z / (acc_t(1) + std::exp(-z));
+  } else {
+    return z;
+  }
+}
+
+// dL/dz from dL/dy for the activations whose derivative the output decides
+// (identity, relu, leaky_relu with negative_slope >= 0: y > 0 exactly when
+// z > 0), as torch's threshold_backward / leaky_relu_backward(self_is_result).
+template <Activation A, typename acc_t>
+C10_HOST_DEVICE inline acc_t activation_grad_from_output(acc_t dy, acc_t y, acc_t negative_slope) {
+  if constexpr (A == Activation::kRelu) {
+    return y <= acc_t(0) ? acc_t(0) : dy; // NB: a NaN output passes dy, as threshold_backward
+  } else if constexpr (A == Activation::kLeakyRelu) {
+    return y > acc_t(0) ? dy : dy * negative_slope;
+  } else {
+    return dy;
+  }
+}
+
+// dL/dz of y = silu(z) = z * sigmoid(z), from the pre-activation z.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t silu_grad(acc_t dy, acc_t z) {
+  const acc_t sig = acc_t(1) / (acc_t(1) + std::exp(-z));
+  return dy * sig * (acc_t(1) + z * (acc_t(1) - sig));
+}
+
 } // namespace bnorm_ext

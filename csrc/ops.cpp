@@ -137,4 +137,28 @@ TORCH_LIBRARY(bnorm_ext, m) {
       "batch_norm_backward_elemt(Tensor grad_out, Tensor input, Tensor mean, "
       "Tensor invstd, Tensor? weight, Tensor sum_dy, Tensor sum_dy_xmu, "
       "Tensor counts) -> Tensor");
+  // Fused y = act(BN(x) + residual): activation is identity, relu,
+  // leaky_relu (negative_slope >= 0) or silu; residual is optional, input's
+  // shape and dtype. Training forward: as batch_norm_forward_train.
+  m.def(
+      "batch_norm_act_forward_train(Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "Tensor(c!)? num_batches_tracked, float? momentum, float eps, "
+      "Tensor? residual, str activation, float negative_slope) "
+      "-> (Tensor output, Tensor save_mean, Tensor save_invstd)");
+  m.def(
+      "batch_norm_act_forward_eval(Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor running_mean, Tensor running_var, float eps, Tensor? residual, "
+      "str activation, float negative_slope) -> Tensor");
+  // Gradients of input, weight, bias and residual (an empty [0] tensor unless
+  // need_grad_residual). relu/leaky_relu read their derivative from
+  // `output`; silu recomputes the pre-activation from input, the statistics,
+  // weight, bias and `residual` (so only silu needs bias and residual, only
+  // relu/leaky_relu need output).
+  m.def(
+      "batch_norm_act_backward(Tensor grad_out, Tensor? output, Tensor input, "
+      "Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
+      "Tensor? save_mean, Tensor? save_invstd, Tensor? residual, bool training, "
+      "float eps, bool need_grad_residual, str activation, float negative_slope) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
 }

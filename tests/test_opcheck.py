@@ -16,10 +16,14 @@ OP_NAMES = [
     "batch_norm_backward_reduce",
     "batch_norm_backward_elemt",
     "batch_norm_forward_jvp",
+    "batch_norm_act_forward_train",
+    "batch_norm_act_forward_eval",
+    "batch_norm_act_backward",
 ]
 # Differentiable as ops; the SyncBatchNorm building blocks raise when differentiated.
 DIFFERENTIABLE_OPS = {"batch_norm_forward_train", "batch_norm_forward_eval", "batch_norm_backward",
-                      "batch_norm_forward_jvp"}
+                      "batch_norm_forward_jvp", "batch_norm_act_forward_train", "batch_norm_act_forward_eval",
+                      "batch_norm_act_backward"}
 
 DTYPE_CASES = [
     pytest.param(torch.float64, torch.float64, id="float64"),
@@ -102,6 +106,26 @@ def make_args(name, dtype, pdt, memory_format, device, variant):
         b_t = None if none_params else torch.randn(C, dtype=torch.float64).to(device, pdt)
         training = variant != "eval"
         return (x, x_t, None if none_params else w, w_t, b_t, mean if training else rm.to(acc), invstd, training)
+    if name.startswith("batch_norm_act_"):
+        # variant "<activation>[_no_residual][_no_affine][_eval]"; default: relu with a residual
+        activation = next(a for a in ("leaky_relu", "relu", "silu", "identity") if variant.startswith(a)) \
+            if variant != "default" else "relu"
+        slope = 0.1 if activation == "leaky_relu" else 0.0
+        r = None if "no_residual" in variant else \
+            torch.randn(SHAPE, dtype=torch.float64).to(device, dtype).contiguous(memory_format=memory_format)
+        wa, ba = (None, None) if "no_affine" in variant else (w, b)
+        if name == "batch_norm_act_forward_train":
+            return (x, wa, ba, rm, rv, nbt, 0.1, EPS, r, activation, slope)
+        if name == "batch_norm_act_forward_eval":
+            return (x, wa, ba, rm, rv, EPS, r, activation, slope)
+        training = "eval" not in variant
+        y = torch.ops.bnorm_ext.batch_norm_act_forward_train(
+            x, wa, ba, None, None, None, 0.1, EPS, r, activation, slope)[0] if training else \
+            torch.ops.bnorm_ext.batch_norm_act_forward_eval(x, wa, ba, rm, rv, EPS, r, activation, slope)
+        y = y if activation in ("relu", "leaky_relu") else None
+        r_saved = r if activation == "silu" else None
+        stats = (None, None, mean, invstd) if training else (rm, rv, None, None)
+        return (dy, y, x, wa, ba, *stats, r_saved, training, EPS, r is not None, activation, slope)
     raise AssertionError(name)
 
 
@@ -115,6 +139,10 @@ VARIANTS = {
     "batch_norm_backward_reduce": ["default"],
     "batch_norm_backward_elemt": ["default", "no_affine"],
     "batch_norm_forward_jvp": ["default", "eval", "no_affine"],
+    "batch_norm_act_forward_train": ["default", "silu", "leaky_relu_no_residual", "identity_no_affine"],
+    "batch_norm_act_forward_eval": ["default", "silu_no_affine", "leaky_relu_no_residual"],
+    "batch_norm_act_backward": ["default", "silu", "silu_no_residual_eval", "leaky_relu_eval",
+                                "identity_no_affine"],
 }
 VARIANT_DTYPE_IDS = ("float32", "float16-params_float32")  # non-default variants: these dtypes only
 CASES = [

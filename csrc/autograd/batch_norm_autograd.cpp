@@ -9,6 +9,8 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include "batch_norm_autograd_common.h"
+
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -16,8 +18,6 @@
 namespace bnorm_ext {
 namespace autograd {
 
-using at::Tensor;
-using OptTensor = std::optional<Tensor>;
 using torch::autograd::Node;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
@@ -35,17 +35,10 @@ using ForwardJvpFn = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
     const OptTensor&, const Tensor&, const Tensor&, bool);
 
-template <typename Fn>
-c10::TypedOperatorHandle<Fn> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
-}
-
 Tensor defined_or_empty(const OptTensor& t) {
   return t.has_value() ? *t : Tensor();
 }
 
-// The tangent of t at forward-AD level 0 (undefined when none, or when
-// forward AD is switched off, e.g. inside an autograd.Function's forward).
 Tensor tangent(const Tensor& t) {
   return t.defined() ? t._fw_grad(/*level=*/0) : Tensor();
 }
@@ -58,20 +51,17 @@ at::ScalarType acc_type(const Tensor& input) {
   return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// [C] -> [1, C, 1, ...] to broadcast against an (N, C, *) tensor of `dim` dims.
 Tensor per_channel(const Tensor& t, int64_t dim) {
   std::vector<c10::SymInt> shape(dim, 1);
   shape[1] = t.sym_numel();
   return t.reshape_symint(shape);
 }
 
-// Values per channel, N * prod(spatial), as a Scalar that may be symbolic.
 c10::Scalar reduce_count(const Tensor& input) {
   const c10::SymInt channels = input.sym_size(1);
   return c10::Scalar(channels == 0 ? c10::SymInt(1) : input.sym_numel() / channels);
 }
 
-// Every dim of an (N, C, *) tensor but the channel dim.
 std::vector<int64_t> reduce_dims(int64_t dim) {
   std::vector<int64_t> dims{0};
   for (int64_t d = 2; d < dim; ++d) {
@@ -181,6 +171,32 @@ bool any_tangent(std::initializer_list<Tensor> tensors) {
   return false;
 }
 
+Tensor grad_input_from_stats(
+    const Tensor& input,
+    const Tensor& mean,
+    const Tensor& invstd,
+    const Tensor& grad_mean,
+    const Tensor& grad_invstd) {
+  if (!grad_mean.defined() && !grad_invstd.defined()) {
+    return Tensor();
+  }
+  // d mean / dx = 1 / M; d invstd / dx = -invstd^3 (x - mean) / M.
+  const auto acc = acc_type(input);
+  const int64_t dim = input.dim();
+  const c10::Scalar count = reduce_count(input);
+  Tensor from_stats = at::zeros_like(input, acc);
+  if (grad_mean.defined()) {
+    from_stats = from_stats + per_channel(grad_mean.to(acc), dim) / count;
+  }
+  if (grad_invstd.defined()) {
+    const Tensor invstd_acc = invstd.to(acc);
+    from_stats = from_stats -
+        per_channel(grad_invstd.to(acc) * invstd_acc * invstd_acc * invstd_acc, dim) *
+            (input.to(acc) - per_channel(mean.to(acc), dim)) / count;
+  }
+  return from_stats.to(input.scalar_type());
+}
+
 // Backward node of the two forward ops. Training: saved batch statistics
 // (outputs 1 and 2 of the op, differentiable too); eval: running statistics.
 struct BatchNormBackward final : public Node {
@@ -215,23 +231,11 @@ struct BatchNormBackward final : public Node {
           ? backward_op.call(grads[0], input, weight_opt, std::nullopt, std::nullopt, mean, invstd_or_var, true, eps_)
           : backward_op.call(grads[0], input, weight_opt, mean, invstd_or_var, std::nullopt, std::nullopt, false, eps_);
     }
-    if (training_ && (grads.size() > 1 && (grads[1].defined() || grads[2].defined()))) {
-      // d mean / dx = 1 / M; d invstd / dx = -invstd^3 (x - mean) / M.
-      const auto acc = acc_type(input);
-      const int64_t dim = input.dim();
-      const c10::Scalar count = reduce_count(input);
-      Tensor from_stats = at::zeros_like(input, acc);
-      if (grads[1].defined()) {
-        from_stats = from_stats + per_channel(grads[1].to(acc), dim) / count;
+    if (training_ && grads.size() > 1) {
+      const Tensor from_stats = grad_input_from_stats(input, mean, invstd_or_var, grads[1], grads[2]);
+      if (from_stats.defined()) {
+        grad_input = grad_input.defined() ? grad_input + from_stats : from_stats;
       }
-      if (grads[2].defined()) {
-        const Tensor invstd = invstd_or_var.to(acc);
-        from_stats = from_stats -
-            per_channel(grads[2].to(acc) * invstd * invstd * invstd, dim) *
-                (input.to(acc) - per_channel(mean.to(acc), dim)) / count;
-      }
-      from_stats = from_stats.to(input.scalar_type());
-      grad_input = grad_input.defined() ? grad_input + from_stats : from_stats;
     }
     return {
         task_should_compute_output(0) ? grad_input : Tensor(),

@@ -18,6 +18,15 @@ inline Sums add(const Sums& a, const Sums& b) {
   return grad_sums_merge(a, b);
 }
 
+// dz_at of the plain ops: grad_out itself.
+template <typename scalar_t>
+struct GradOutOnly {
+  const scalar_t* g;
+  acc_type<scalar_t> operator()(int64_t offset, int64_t /*c*/) const {
+    return static_cast<acc_type<scalar_t>>(g[offset]);
+  }
+};
+
 #define BNORM_EXT_CPU_KERNELS "batch_norm_backward_cpu_kernels.inc"
 #include "batch_norm_cpu_isa_builds.inc"
 
@@ -30,7 +39,7 @@ std::vector<Sums> grad_sums_any(
     const std::vector<double>& mean) {
   std::vector<Sums> sums;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_backward_reduce_cpu", [&] {
-    sums = BNORM_EXT_CPU_DISPATCH(grad_sums<scalar_t>(dy, x, s, mean));
+    sums = BNORM_EXT_CPU_DISPATCH(grad_sums<scalar_t>(GradOutOnly<scalar_t>{dy.const_data_ptr<scalar_t>()}, x, s, mean));
   });
   return sums;
 }
@@ -47,9 +56,9 @@ Tensor grad_input_any(
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_backward_elemt_cpu", [&] {
     if (training) {
-      BNORM_EXT_CPU_DISPATCH(grad_input<scalar_t, true>(dy, x, dx, s, coeffs));
+      BNORM_EXT_CPU_DISPATCH(grad_input<scalar_t, true>(GradOutOnly<scalar_t>{dy.const_data_ptr<scalar_t>()}, x, dx, nullptr, s, coeffs));
     } else {
-      BNORM_EXT_CPU_DISPATCH(grad_input<scalar_t, false>(dy, x, dx, s, coeffs));
+      BNORM_EXT_CPU_DISPATCH(grad_input<scalar_t, false>(GradOutOnly<scalar_t>{dy.const_data_ptr<scalar_t>()}, x, dx, nullptr, s, coeffs));
     }
   });
   return dx;
@@ -131,7 +140,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   if (training && use_channel_fused_path(s, 2, input.element_size())) {
     grad_in = at::empty_like(x, output_memory_format(x));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_backward_cpu", [&] {
-      sums = BNORM_EXT_CPU_DISPATCH(train_backward_channel_fused<scalar_t>(dy, x, grad_in, s, mean, invstd, w));
+      sums = BNORM_EXT_CPU_DISPATCH(train_backward_channel_fused<scalar_t>(GradOutOnly<scalar_t>{dy.const_data_ptr<scalar_t>()}, x, grad_in, nullptr, s, mean, invstd, w));
     });
   } else {
     sums = grad_sums_any(dy, x, s, mean);

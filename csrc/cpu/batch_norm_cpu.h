@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "../batch_norm_checks.h"
+#include "../batch_norm_math.h"
 
 namespace bnorm_ext {
 namespace cpu {
@@ -46,6 +47,28 @@ void store_values(const Tensor& t, const std::vector<double>& v);
 
 // C doubles as a [C] tensor of `dtype` on input's device.
 Tensor channel_tensor(const std::vector<double>& v, const Tensor& input, at::ScalarType dtype);
+
+// Increments num_batches_tracked (if given) and updates the running stats
+// (if given) from absolute per-channel statistics, as torch does
+// (batch_norm_forward_cpu.cpp, as the two below).
+void update_running_stats_cpu(
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    const OptTensor& num_batches_tracked,
+    std::optional<double> momentum,
+    const std::vector<WelfordData<double>>& stats);
+
+// Per-channel mean and invstd (or biased var) from absolute statistics.
+struct ChannelMoments {
+  std::vector<double> mean;
+  std::vector<double> spread;
+};
+
+// eps given: spread is invstd; none: the biased variance.
+ChannelMoments channel_moments(const std::vector<WelfordData<double>>& stats, std::optional<double> eps);
+
+// save_mean and save_invstd ([C], acc dtype) from absolute statistics.
+std::tuple<Tensor, Tensor> saved_stats(const ChannelMoments& m, const Tensor& input);
 
 } // namespace cpu
 } // namespace bnorm_ext

@@ -165,14 +165,6 @@ std::vector<Stats> stats_cpu(const Tensor& input, const BatchNormShape& s) {
   return channel_stats_any(dense_input(input), s);
 }
 
-namespace {
-
-// Per-channel mean and invstd (or biased var) from absolute statistics.
-struct ChannelMoments {
-  std::vector<double> mean;
-  std::vector<double> spread;
-};
-
 ChannelMoments channel_moments(const std::vector<Stats>& stats, std::optional<double> eps) {
   ChannelMoments m{std::vector<double>(stats.size()), std::vector<double>(stats.size())};
   for (size_t c = 0; c < stats.size(); ++c) {
@@ -188,6 +180,8 @@ std::tuple<Tensor, Tensor> saved_stats(const ChannelMoments& m, const Tensor& in
   const auto acc = acc_scalar_type(input.scalar_type());
   return {channel_tensor(m.mean, input, acc), channel_tensor(m.spread, input, acc)};
 }
+
+namespace {
 
 std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
   const char* op = "bnorm_ext::batch_norm_stats";

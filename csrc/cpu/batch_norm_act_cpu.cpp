@@ -1,0 +1,206 @@
+// CPU kernels of the fused ops y = act(BN(x) + residual): the plain
+// statistics pass, the activation (and residual) in the normalize pass, and
+// one backward that reads dy through the activation's derivative.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <string_view>
+#include <type_traits>
+
+#include "../batch_norm_checks.h"
+#include "../batch_norm_math.h"
+#include "batch_norm_cpu.h"
+#include "batch_norm_cpu_loops.h"
+
+namespace bnorm_ext {
+namespace cpu {
+
+using Stats = WelfordData<double>;
+using Sums = GradSums<double>;
+
+inline Sums add(const Sums& a, const Sums& b) {
+  return grad_sums_merge(a, b);
+}
+
+#define BNORM_EXT_CPU_KERNELS "batch_norm_act_cpu_kernels.inc"
+#include "batch_norm_cpu_isa_builds.inc"
+
+namespace {
+
+// Calls f(std::integral_constant<Activation, act>{}).
+template <typename F>
+void with_activation(Activation act, const F& f) {
+  switch (act) {
+    case Activation::kIdentity:
+      return f(std::integral_constant<Activation, Activation::kIdentity>{});
+    case Activation::kRelu:
+      return f(std::integral_constant<Activation, Activation::kRelu>{});
+    case Activation::kLeakyRelu:
+      return f(std::integral_constant<Activation, Activation::kLeakyRelu>{});
+    case Activation::kSilu:
+      return f(std::integral_constant<Activation, Activation::kSilu>{});
+  }
+}
+
+bool given(const OptTensor& t) {
+  return t.has_value() && t->defined();
+}
+
+// t in input's dense layout (the kernels index both with one offset); an
+// undefined tensor when t is not given.
+Tensor dense_like_input(const OptTensor& t, const Tensor& input) {
+  return given(t) ? t->contiguous(output_memory_format(input)) : Tensor();
+}
+
+template <typename scalar_t>
+const scalar_t* data_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_act_forward_train_cpu(
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& bias,
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    const OptTensor& num_batches_tracked,
+    std::optional<double> momentum,
+    double eps,
+    const OptTensor& residual,
+    std::string_view activation,
+    double negative_slope) {
+  const char* op = "bnorm_ext::batch_norm_act_forward_train";
+  const BatchNormShape s = check_train_args(op, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps);
+  const Activation act = parse_activation(op, activation, negative_slope);
+  check_like_input(op, "residual", input, residual);
+  const Tensor x = dense_input(input);
+  const Tensor res = dense_like_input(residual, input);
+  Tensor out = at::empty_like(input, output_memory_format(input));
+  const bool channel_fused = use_channel_fused_path(s, res.defined() ? 2 : 1, input.element_size());
+  const std::vector<double> w = param_values(weight, s.C, 1.0);
+  const std::vector<double> b = param_values(bias, s.C, 0.0);
+  std::vector<Stats> stats;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_act_forward_train_cpu", [&] {
+    with_activation(act, [&](auto a) {
+      stats = BNORM_EXT_CPU_DISPATCH(act_forward_train<scalar_t, decltype(a)::value>(
+          x, data_or_null<scalar_t>(res), out, s, w, b, eps, negative_slope, channel_fused));
+    });
+  });
+  update_running_stats_cpu(running_mean, running_var, num_batches_tracked, momentum, stats);
+  auto [save_mean, save_invstd] = saved_stats(channel_moments(stats, eps), input);
+  return {out, save_mean, save_invstd};
+}
+
+Tensor batch_norm_act_forward_eval_cpu(
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& bias,
+    const Tensor& running_mean,
+    const Tensor& running_var,
+    double eps,
+    const OptTensor& residual,
+    std::string_view activation,
+    double negative_slope) {
+  const char* op = "bnorm_ext::batch_norm_act_forward_eval";
+  const BatchNormShape s = check_eval_args(op, input, weight, bias, running_mean, running_var, eps);
+  const Activation act = parse_activation(op, activation, negative_slope);
+  check_like_input(op, "residual", input, residual);
+  Tensor out = at::empty_like(input, output_memory_format(input));
+  if (input.numel() == 0) {
+    return out;
+  }
+  const Tensor x = dense_input(input);
+  const Tensor res = dense_like_input(residual, input);
+  const std::vector<double> mean = param_values(running_mean, s.C, 0.0);
+  std::vector<double> invstd = param_values(running_var, s.C, 1.0);
+  for (double& v : invstd) {
+    v = invstd_from_var(v, eps);
+  }
+  const std::vector<double> w = param_values(weight, s.C, 1.0);
+  const std::vector<double> b = param_values(bias, s.C, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_act_forward_eval_cpu", [&] {
+    with_activation(act, [&](auto a) {
+      BNORM_EXT_CPU_DISPATCH(act_normalize<scalar_t, decltype(a)::value>(
+          x, data_or_null<scalar_t>(res), out, s, mean, invstd, w, b, negative_slope));
+    });
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cpu(
+    const Tensor& grad_out,
+    const OptTensor& output,
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& bias,
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    const OptTensor& save_mean,
+    const OptTensor& save_invstd,
+    const OptTensor& residual,
+    bool training,
+    double eps,
+    bool need_grad_residual,
+    std::string_view activation,
+    double negative_slope) {
+  const char* op = "bnorm_ext::batch_norm_act_backward";
+  const BatchNormShape s = check_backward_args(op, grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
+  check_params(op, input, s.C, {{"weight", &weight}, {"bias", &bias}});
+  const Activation act = parse_activation(op, activation, negative_slope);
+  const bool reads_output = act == Activation::kRelu || act == Activation::kLeakyRelu;
+  TORCH_CHECK(
+      !reads_output || given(output),
+      op, ": activation '", std::string(activation), "' reads its derivative from output, which is None");
+  check_like_input(op, "output", input, output);
+  check_like_input(op, "residual", input, residual);
+  std::vector<double> mean, invstd;
+  if (training) {
+    mean = param_values(save_mean, s.C, 0.0);
+    invstd = param_values(save_invstd, s.C, 0.0);
+  } else {
+    mean = param_values(running_mean, s.C, 0.0);
+    invstd = param_values(running_var, s.C, 0.0);
+    for (double& v : invstd) {
+      v = invstd_from_var(v, eps);
+    }
+  }
+  const std::vector<double> w = param_values(weight, s.C, 1.0);
+  const std::vector<double> b = param_values(bias, s.C, 0.0);
+  const Tensor dy = grad_out.contiguous(output_memory_format(input));
+  const Tensor x = dense_input(input);
+  const Tensor y = reads_output ? dense_like_input(output, input) : Tensor();
+  // NB: only silu's pre-activation includes the residual; the others never read it.
+  const Tensor res = act == Activation::kSilu ? dense_like_input(residual, input) : Tensor();
+  Tensor grad_in = at::empty_like(x, output_memory_format(x));
+  Tensor grad_res = need_grad_residual ? at::empty_like(x, output_memory_format(x)) : at::empty({0}, input.options());
+  const int64_t tensors_read = 2 + (y.defined() ? 1 : 0) + (res.defined() ? 1 : 0);
+  const bool channel_fused = training && use_channel_fused_path(s, tensors_read, input.element_size());
+  std::vector<Sums> sums;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_act_backward_cpu", [&] {
+    scalar_t* dres = need_grad_residual ? grad_res.mutable_data_ptr<scalar_t>() : nullptr;
+    with_activation(act, [&](auto a) {
+      sums = BNORM_EXT_CPU_DISPATCH(act_backward<scalar_t, decltype(a)::value>(
+          dy, data_or_null<scalar_t>(y), x, data_or_null<scalar_t>(res), grad_in, dres, s, mean, invstd, w, b,
+          training, negative_slope, channel_fused));
+    });
+  });
+  std::vector<double> grad_w(s.C), grad_b(s.C);
+  for (int64_t c = 0; c < s.C; ++c) {
+    grad_w[c] = sums[c].sum_dy_xmu * invstd[c];
+    grad_b[c] = sums[c].sum_dy;
+  }
+  const auto param_type = given(weight) ? weight->scalar_type() : acc_scalar_type(input.scalar_type());
+  return {grad_in, channel_tensor(grad_w, input, param_type), channel_tensor(grad_b, input, param_type), grad_res};
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(bnorm_ext, CPU, m) {
+  m.impl("batch_norm_act_forward_train", &batch_norm_act_forward_train_cpu);
+  m.impl("batch_norm_act_forward_eval", &batch_norm_act_forward_eval_cpu);
+  m.impl("batch_norm_act_backward", &batch_norm_act_backward_cpu);
+}
+
+} // namespace cpu
+} // namespace bnorm_ext
