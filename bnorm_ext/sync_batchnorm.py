@@ -212,16 +212,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
         if self.eps <= 0.0:
             raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
-        # Running stats, num_batches_tracked and momentum exactly as the
-        # single-process modules pass them (bnorm_ext.modules._BatchNormForward).
-        momentum = self.momentum
-        num_batches_tracked = None
-        if self.track_running_stats and self.num_batches_tracked is not None:
-            num_batches_tracked = self.num_batches_tracked
-        elif momentum is None:
-            momentum = 0.0
-        running_mean = self.running_mean if self.track_running_stats else None
-        running_var = self.running_var if self.track_running_stats else None
+        # Running stats, num_batches_tracked and momentum exactly as the single-process modules pass them.
+        running_mean, running_var, _, momentum, num_batches_tracked = self._batch_norm_mode()
         return SyncBatchNormFunction.apply(
             input,
             self.weight,
