@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 
 from .functional import _check_batch_norm_args
-from .modules import BatchNorm2d
+from .modules import BatchNorm2d, _fx_leaf_call
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "silu")
 
@@ -138,15 +138,11 @@ class BatchNormAct2d(BatchNorm2d):
         if torch.jit.is_scripting():
             return self._batch_norm_act_forward(input, residual)
         if isinstance(input, fx.Proxy):
-            # NB: a call_module leaf, as the plain modules (see modules._fx_leaf_call).
-            tracer = input.tracer
-            if self is getattr(tracer, "root", None):
-                return self._batch_norm_act_forward(input, residual)
             args = (input,) if residual is None else (input, residual)
-            return tracer.create_proxy("call_module", tracer.path_of_module(self), args, {})
+            return _fx_leaf_call(self, args, self._batch_norm_act_forward)
         return self._batch_norm_act_forward(input, residual)
 
-    def _batch_norm_act_forward(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
+    def _batch_norm_act_forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         self._check_input_dim(input)
         running_mean, running_var, bn_training, momentum, num_batches_tracked = self._batch_norm_mode()
         return _batch_norm_act(

@@ -8,14 +8,15 @@ from torch import Tensor, fx, nn
 from .functional import _batch_norm
 
 
-def _fx_leaf_call(module: nn.Module, input: fx.Proxy) -> fx.Proxy:
+def _fx_leaf_call(module: nn.Module, args: tuple, trace_through) -> fx.Proxy:
     # NB: FX keeps modules from torch.nn as call_module leaves and traces into
     # others; ours record themselves as a leaf the same way, so a traced model
-    # switches between train and eval with the module, as with torch's.
-    tracer = input.tracer
+    # switches between train and eval with the module, as with torch's. The
+    # traced module itself is traced through (`trace_through(*args)`), as torch's is.
+    tracer = args[0].tracer
     if module is getattr(tracer, "root", None):
-        return module._batch_norm_forward(input)  # the traced module itself: as torch's
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
+        return trace_through(*args)
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
 
 
 class _BatchNormForward:
@@ -26,7 +27,7 @@ class _BatchNormForward:
         if torch.jit.is_scripting():
             return self._batch_norm_forward(input)
         if isinstance(input, fx.Proxy):
-            return _fx_leaf_call(self, input)
+            return _fx_leaf_call(self, (input,), self._batch_norm_forward)
         return self._batch_norm_forward(input)
 
     def _batch_norm_forward(self, input: Tensor) -> Tensor:

@@ -198,7 +198,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         if isinstance(input, fx.Proxy):
-            return _fx_leaf_call(self, input)
+            return _fx_leaf_call(self, (input,), lambda x: _BatchNormForward._batch_norm_forward(self, x))
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
 
