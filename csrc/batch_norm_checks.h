@@ -15,6 +15,11 @@ namespace bnorm_ext {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
+// An optional tensor that is present and defined.
+inline bool given(const OptTensor& t) {
+  return t.has_value() && t->defined();
+}
+
 // Shape of an (N, C, *) input as the kernels see it: `channels_last` means the
 // dense layout is [N * L, C] (C innermost); otherwise it is [N, C, L].
 struct BatchNormShape {

@@ -40,10 +40,6 @@ using ActBackwardFn = std::tuple<Tensor, Tensor, Tensor, Tensor>(
 
 namespace {
 
-bool given(const OptTensor& t) {
-  return t.has_value() && t->defined();
-}
-
 OptTensor opt(const Tensor& t) {
   return t.defined() ? OptTensor(t) : std::nullopt;
 }

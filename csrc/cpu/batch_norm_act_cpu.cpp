@@ -43,10 +43,6 @@ void with_activation(Activation act, const F& f) {
   }
 }
 
-bool given(const OptTensor& t) {
-  return t.has_value() && t->defined();
-}
-
 // t in input's dense layout (the kernels index both with one offset); an
 // undefined tensor when t is not given.
 Tensor dense_like_input(const OptTensor& t, const Tensor& input) {

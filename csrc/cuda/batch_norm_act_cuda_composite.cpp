@@ -10,6 +10,7 @@
 #include <string_view>
 #include <tuple>
 
+#include "../autograd/batch_norm_autograd_common.h"
 #include "../batch_norm_checks.h"
 
 namespace bnorm_ext {
@@ -25,14 +26,7 @@ using BackwardFn = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
     const OptTensor&, bool, double);
 
-template <typename Fn>
-c10::TypedOperatorHandle<Fn> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
-}
-
-bool given(const OptTensor& t) {
-  return t.has_value() && t->defined();
-}
+using autograd::op_handle;
 
 // z <- act(z + residual), in place on the op's own output.
 void add_and_activate_(Tensor& z, const OptTensor& residual, Activation act, double negative_slope) {
