@@ -46,38 +46,48 @@ def _fold_channel(t: Optional[Tensor], bdim: Optional[int], batch_size: int) -> 
     return _batch_first(t, bdim, batch_size).reshape(-1)
 
 
+def _check_running_stats_batched(running_mean, running_var, mean_dim, var_dim, count_dim) -> None:
+    # The training rules' refusals, raised before the op writes anything.
+    if (running_mean is not None or running_var is not None) and (mean_dim is None or var_dim is None):
+        raise RuntimeError(_UNBATCHED_RUNNING_STATS)
+    if count_dim is not None:
+        raise RuntimeError("bnorm_ext: vmap over a batched num_batches_tracked is not supported")
+
+
+def _fold_running_stat(t: Optional[Tensor], bdim: Optional[int]):
+    # (the batched running stat with its vmapped dim at 0, the [B*C] tensor the op updates).
+    if t is None:
+        return None, None
+    batched = t.movedim(bdim, 0)
+    return batched, batched.reshape(-1)
+
+
+def _write_back_running_stat(batched: Optional[Tensor], flat: Optional[Tensor]) -> None:
+    # NB: the op updated `flat` in place; write it back where reshape had to copy.
+    if batched is not None and flat.data_ptr() != batched.data_ptr():
+        batched.copy_(flat.view(batched.shape))
+
+
 @torch.library.register_vmap("bnorm_ext::batch_norm_forward_train")
 def _forward_train_vmap(info, in_dims, input, weight, bias, running_mean, running_var, num_batches_tracked,
                         momentum, eps):
     B = info.batch_size
     input_dim, weight_dim, bias_dim, mean_dim, var_dim, count_dim = in_dims[:6]
-    has_running_stats = running_mean is not None or running_var is not None
-    if has_running_stats and (mean_dim is None or var_dim is None):
-        raise RuntimeError(_UNBATCHED_RUNNING_STATS)
-    if count_dim is not None:
-        raise RuntimeError("bnorm_ext: vmap over a batched num_batches_tracked is not supported")
-    running = []
-    for t, bdim in ((running_mean, mean_dim), (running_var, var_dim)):
-        if t is None:
-            running.append((None, None))
-            continue
-        batched = t.movedim(bdim, 0)
-        flat = batched.reshape(-1)
-        running.append((batched, flat))
+    _check_running_stats_batched(running_mean, running_var, mean_dim, var_dim, count_dim)
+    mean_batched, mean_flat = _fold_running_stat(running_mean, mean_dim)
+    var_batched, var_flat = _fold_running_stat(running_var, var_dim)
     output, save_mean, save_invstd = torch.ops.bnorm_ext.batch_norm_forward_train(
         _fold_input(input, input_dim, B),
         _fold_channel(weight, weight_dim, B),
         _fold_channel(bias, bias_dim, B),
-        running[0][1],
-        running[1][1],
+        mean_flat,
+        var_flat,
         num_batches_tracked,
         momentum,
         eps,
     )
-    for batched, flat in running:
-        # NB: the op updated `flat` in place; write it back where reshape had to copy.
-        if batched is not None and flat.data_ptr() != batched.data_ptr():
-            batched.copy_(flat.view(batched.shape))
+    _write_back_running_stat(mean_batched, mean_flat)
+    _write_back_running_stat(var_batched, var_flat)
     return (_unfold_input(output, B), save_mean.view(B, -1), save_invstd.view(B, -1)), (1, 0, 0)
 
 
@@ -109,3 +119,73 @@ def _backward_vmap(info, in_dims, grad_out, input, weight, running_mean, running
         eps,
     )
     return (_unfold_input(grad_input, B), grad_weight.view(B, -1), grad_bias.view(B, -1)), (1, 0, 0)
+
+
+@torch.library.register_vmap("bnorm_ext::batch_norm_act_forward_train")
+def _act_forward_train_vmap(info, in_dims, input, weight, bias, running_mean, running_var, num_batches_tracked,
+                            momentum, eps, residual, activation, negative_slope):
+    B = info.batch_size
+    input_dim, weight_dim, bias_dim, mean_dim, var_dim, count_dim = in_dims[:6]
+    _check_running_stats_batched(running_mean, running_var, mean_dim, var_dim, count_dim)
+    mean_batched, mean_flat = _fold_running_stat(running_mean, mean_dim)
+    var_batched, var_flat = _fold_running_stat(running_var, var_dim)
+    output, save_mean, save_invstd = torch.ops.bnorm_ext.batch_norm_act_forward_train(
+        _fold_input(input, input_dim, B),
+        _fold_channel(weight, weight_dim, B),
+        _fold_channel(bias, bias_dim, B),
+        mean_flat,
+        var_flat,
+        num_batches_tracked,
+        momentum,
+        eps,
+        _fold_input(residual, in_dims[8], B),
+        activation,
+        negative_slope,
+    )
+    _write_back_running_stat(mean_batched, mean_flat)
+    _write_back_running_stat(var_batched, var_flat)
+    return (_unfold_input(output, B), save_mean.view(B, -1), save_invstd.view(B, -1)), (1, 0, 0)
+
+
+@torch.library.register_vmap("bnorm_ext::batch_norm_act_forward_eval")
+def _act_forward_eval_vmap(info, in_dims, input, weight, bias, running_mean, running_var, eps, residual, activation,
+                           negative_slope):
+    B = info.batch_size
+    input_dim, weight_dim, bias_dim, mean_dim, var_dim = in_dims[:5]
+    output = torch.ops.bnorm_ext.batch_norm_act_forward_eval(
+        _fold_input(input, input_dim, B),
+        _fold_channel(weight, weight_dim, B),
+        _fold_channel(bias, bias_dim, B),
+        _fold_channel(running_mean, mean_dim, B),
+        _fold_channel(running_var, var_dim, B),
+        eps,
+        _fold_input(residual, in_dims[6], B),
+        activation,
+        negative_slope,
+    )
+    return _unfold_input(output, B), 1
+
+
+@torch.library.register_vmap("bnorm_ext::batch_norm_act_backward")
+def _act_backward_vmap(info, in_dims, grad_out, output, input, weight, bias, running_mean, running_var, save_mean,
+                       save_invstd, residual, training, eps, need_grad_residual, activation, negative_slope):
+    B = info.batch_size
+    channel_args = zip((weight, bias, running_mean, running_var, save_mean, save_invstd), in_dims[3:9])
+    grad_input, grad_weight, grad_bias, grad_residual = torch.ops.bnorm_ext.batch_norm_act_backward(
+        _fold_input(grad_out, in_dims[0], B),
+        _fold_input(output, in_dims[1], B),
+        _fold_input(input, in_dims[2], B),
+        *(_fold_channel(t, bdim, B) for t, bdim in channel_args),
+        _fold_input(residual, in_dims[9], B),
+        training,
+        eps,
+        need_grad_residual,
+        activation,
+        negative_slope,
+    )
+    if need_grad_residual:
+        grad_residual, residual_dim = _unfold_input(grad_residual, B), 1
+    else:
+        residual_dim = None  # the op's empty [0] placeholder
+    return ((_unfold_input(grad_input, B), grad_weight.view(B, -1), grad_bias.view(B, -1), grad_residual),
+            (1, 0, 0, residual_dim))

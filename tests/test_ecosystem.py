@@ -429,3 +429,248 @@ def test_fx_symbolic_trace_sync_batchnorm_is_a_leaf():
     for model in (theirs, ours):
         gm = torch.fx.symbolic_trace(model)
         assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1"]
+
+
+# --- torch.func over the fused BatchNorm + activation (BatchNormAct2d and its ops) -------------
+
+ACTIVATIONS = ["identity", "relu", "leaky_relu", "silu"]
+SLOPE = 0.2
+RESIDUALS = [pytest.param("none", id="no_residual"), pytest.param("batched", id="residual_batched"),
+             pytest.param("unbatched", id="residual_unbatched")]
+
+
+@pytest.fixture
+def without_vmap_fallback():
+    """vmap without its slow per-sample fallback: an op with no vmap rule raises instead of
+    looping, so these tests see the rules."""
+    enabled = torch._C._functorch._is_vmap_fallback_enabled()
+    torch._C._functorch._set_vmap_fallback_enabled(False)
+    yield
+    torch._C._functorch._set_vmap_fallback_enabled(enabled)
+
+
+def batched_residual(residual, batch_shape):
+    """(residual, its vmap in_dim): a per-sample residual, one shared by every sample, or None."""
+    if residual == "batched":
+        return torch.randn(batch_shape, dtype=torch.float64), 0
+    if residual == "unbatched":
+        return torch.randn(batch_shape[1:], dtype=torch.float64), None
+    return None, None
+
+
+def per_sample(t, in_dim, i):
+    return t if in_dim is None or t is None else t.select(in_dim, i)
+
+
+def batch_norm_act_fn(training, activation):
+    # the fused functional with the positional layout vmap's in_dims follow
+    def f(x, residual, weight, bias, running_mean, running_var):
+        return bnorm_ext.batch_norm_act(x, running_mean, running_var, weight, bias, training, 0.1, 1e-5,
+                                        activation, SLOPE, residual)
+    return f
+
+
+@pytest.mark.usefixtures("without_vmap_fallback")
+@pytest.mark.parametrize("batched_params", [pytest.param(False, id="shared_params"),
+                                            pytest.param(True, id="batched_params-input_dim1")])
+@pytest.mark.parametrize("residual", RESIDUALS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_vmap_batch_norm_act_eval_matches_per_sample_loop(activation, residual, batched_params):
+    B, shape = 3, (4, 5, 3, 4)
+    xs = randn_shifted((B,) + shape, torch.float64, "cpu")
+    r, r_dim = batched_residual(residual, (B,) + shape)
+    params_shape, p_dim = ((B, 5), 0) if batched_params else ((5,), None)
+    w = 1 + 0.5 * torch.randn(params_shape, dtype=torch.float64)
+    b, rm = torch.randn(params_shape, dtype=torch.float64), torch.randn(params_shape, dtype=torch.float64)
+    rv = torch.rand(params_shape, dtype=torch.float64) + 0.5
+    x_dim = 1 if batched_params else 0
+    xs = xs.movedim(0, x_dim)
+    f = batch_norm_act_fn(False, activation)
+    in_dims = (x_dim, r_dim, p_dim, p_dim, p_dim, p_dim)
+    out = vmap(f, in_dims)(xs, r, w, b, rm, rv)
+    args = (xs, r, w, b, rm, rv)
+    loop = torch.stack([f(*(per_sample(t, d, i) for t, d in zip(args, in_dims))) for i in range(B)])
+    torch.testing.assert_close(out, loop)
+
+
+@pytest.mark.usefixtures("without_vmap_fallback")
+@pytest.mark.parametrize("running_stats", [pytest.param(False, id="no_running_stats"),
+                                           pytest.param(True, id="batched_running_stats")])
+@pytest.mark.parametrize("residual", RESIDUALS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_vmap_batch_norm_act_training_matches_per_sample_loop(activation, residual, running_stats):
+    # per-sample batch statistics; batched running stats (one of them vmapped at dim 1) updated per sample
+    B, shape = 3, (4, 5, 3, 4)
+    xs = randn_shifted((B,) + shape, torch.float64, "cpu")
+    r, r_dim = batched_residual(residual, (B,) + shape)
+    w, b = 1 + 0.5 * torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    rm_t = torch.randn(5, B, dtype=torch.float64) if running_stats else None  # vmapped at dim 1
+    rv = torch.rand(B, 5, dtype=torch.float64) + 0.5 if running_stats else None
+    rm_loop = rm_t.T.contiguous() if running_stats else None
+    rv_loop = rv.clone() if running_stats else None
+    f = batch_norm_act_fn(True, activation)
+    stat_dims = (1, 0) if running_stats else (None, None)
+    out = vmap(f, (0, r_dim, None, None) + stat_dims)(xs, r, w, b, rm_t, rv)
+    loop = torch.stack([f(xs[i], per_sample(r, r_dim, i), w, b, *((rm_loop[i], rv_loop[i]) if running_stats
+                                                                    else (None, None))) for i in range(B)])
+    torch.testing.assert_close(out, loop)
+    if running_stats:
+        torch.testing.assert_close(rm_t.T, rm_loop)
+        torch.testing.assert_close(rv, rv_loop)
+        assert not torch.equal(rv_loop[0], rv_loop[1])  # not one shared update
+
+
+@pytest.mark.usefixtures("without_vmap_fallback")
+@pytest.mark.parametrize("need_grad_residual", [pytest.param(False, id="no_grad_residual"),
+                                                pytest.param(True, id="grad_residual")])
+@pytest.mark.parametrize("residual", RESIDUALS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("training", modes)
+def test_vmap_batch_norm_act_backward_op_matches_per_sample_loop(training, activation, residual, need_grad_residual):
+    # the fused backward op itself, every tensor argument batched but the residual as given
+    B, shape = 3, (4, 5, 3, 4)
+    xs = randn_shifted((B,) + shape, torch.float64, "cpu")
+    r, r_dim = batched_residual(residual, (B,) + shape)
+    ws, bs = 1 + 0.5 * torch.randn(B, 5, dtype=torch.float64), torch.randn(B, 5, dtype=torch.float64)
+    rms, rvs = torch.randn(B, 5, dtype=torch.float64), torch.rand(B, 5, dtype=torch.float64) + 0.5
+    ops = torch.ops.bnorm_ext
+    forwards = []
+    for i in range(B):
+        r_i = per_sample(r, r_dim, i)
+        if training:
+            forwards.append(ops.batch_norm_act_forward_train(xs[i], ws[i], bs[i], None, None, None, 0.1, 1e-5, r_i,
+                                                             activation, SLOPE))
+        else:
+            forwards.append((ops.batch_norm_act_forward_eval(xs[i], ws[i], bs[i], rms[i], rvs[i], 1e-5, r_i,
+                                                             activation, SLOPE), torch.zeros(5), torch.zeros(5)))
+    ys, save_means, save_invstds = (torch.stack(t) for t in zip(*forwards))
+    grad_outs = torch.randn((B,) + shape, dtype=torch.float64)
+
+    def backward(dy, y, x, w, b, rm, rv, sm, si, res):
+        return ops.batch_norm_act_backward(dy, y, x, w, b, rm, rv, sm if training else None,
+                                           si if training else None, res, training, 1e-5, need_grad_residual,
+                                           activation, SLOPE)
+
+    args = (grad_outs, ys, xs, ws, bs, rms, rvs, save_means, save_invstds, r)
+    in_dims = (0,) * 9 + (r_dim,)
+    got = vmap(backward, in_dims)(*args)
+    loop = [backward(*(per_sample(t, d, i) for t, d in zip(args, in_dims))) for i in range(B)]
+    names = ["grad_input", "grad_weight", "grad_bias", "grad_residual"][:4 if need_grad_residual else 3]
+    for k, name in enumerate(names):
+        torch.testing.assert_close(got[k], torch.stack([out[k] for out in loop]), msg=name)
+    if not need_grad_residual:
+        assert got[3].numel() == 0
+
+
+class BatchNormThenAct(nn.Module):
+    # forward(x, residual=None): act(bn(x) + residual); for torch's BatchNorm2d the unfused
+    # composition, for a BatchNormAct2d one fused call
+    def __init__(self, bn, activation):
+        super().__init__()
+        self.bn = bn
+        self.activation = activation
+
+    def forward(self, x, residual=None):
+        if isinstance(self.bn, bnorm_ext.BatchNormAct2d):
+            return self.bn(x, residual)
+        y = self.bn(x)
+        y = y if residual is None else y + residual
+        if self.activation == "relu":
+            return F.relu(y)
+        if self.activation == "leaky_relu":
+            return F.leaky_relu(y, SLOPE)
+        return F.silu(y) if self.activation == "silu" else y
+
+
+def batch_norm_act_pair(activation, training):
+    """(torch's BatchNorm2d -> add -> activation, BatchNormAct2d with the same state), float64,
+    same parameter names; in training both without running statistics, as
+    replace_all_batch_norm_modules_ leaves them."""
+    theirs = _randomize_stats(nn.BatchNorm2d(5).double()).train(training)
+    ours = bnorm_ext.BatchNormAct2d(5, activation=activation, negative_slope=SLOPE).double().train(training)
+    ours.load_state_dict(theirs.state_dict())
+    if training:
+        replace_all_batch_norm_modules_(theirs)
+        replace_all_batch_norm_modules_(ours)
+        assert ours.running_mean is None and not ours.track_running_stats
+    return BatchNormThenAct(theirs, activation), BatchNormThenAct(ours, activation)
+
+
+@pytest.mark.usefixtures("without_vmap_fallback")
+@pytest.mark.parametrize("residual", RESIDUALS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("training", modes)
+def test_vmap_batch_norm_act_module_matches_unfused_and_loop(training, activation, residual):
+    unfused, ours = batch_norm_act_pair(activation, training)
+    B, shape = 3, (4, 5, 3, 4)
+    xs = randn_shifted((B,) + shape, torch.float64, "cpu")
+    r, r_dim = batched_residual(residual, (B,) + shape)
+    in_dims = (0,) if r is None else (0, r_dim)
+    args = (xs,) if r is None else (xs, r)
+    out = vmap(ours, in_dims)(*args)
+    torch.testing.assert_close(out, vmap(unfused, in_dims)(*args))
+    torch.testing.assert_close(out, torch.stack([ours(*(per_sample(t, d, i) for t, d in zip(args, in_dims)))
+                                                 for i in range(B)]))
+
+
+@pytest.mark.usefixtures("without_vmap_fallback")
+def test_vmap_batch_norm_act_training_with_running_stats_raises_like_the_plain_op():
+    # the plain rule's (and torch's) error, before the op writes the running stats
+    xs, r = randn_shifted((2, 4, 5, 3, 3), torch.float64, "cpu"), torch.randn(2, 4, 5, 3, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError) as plain_error:
+        vmap(bnorm_ext.BatchNorm2d(5).double())(xs)
+    ours = _randomize_stats(bnorm_ext.BatchNormAct2d(5, activation="silu").double())
+    before = copy.deepcopy(ours.state_dict())
+    for in_dims, args in (((0,), (xs,)), ((0, 0), (xs, r)), ((0, None), (xs, r[0]))):
+        with pytest.raises(RuntimeError) as error:
+            vmap(ours, in_dims)(*args)
+        assert str(error.value) == str(plain_error.value)
+        assert "running_mean or running_var" in str(error.value)
+        for name, value in ours.state_dict().items():
+            assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.usefixtures("without_vmap_fallback")
+@pytest.mark.parametrize("residual", RESIDUALS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("training", modes)
+def test_vmap_of_grad_batch_norm_act_per_sample_gradients(training, activation, residual):
+    # per-sample gradients of parameters, input and residual through the fused backward's vmap rule
+    unfused, ours = batch_norm_act_pair(activation, training)
+    B, shape = 3, (4, 5, 3, 4)
+    xs = randn_shifted((B,) + shape, torch.float64, "cpu")
+    r, r_dim = batched_residual(residual, (B,) + shape)
+    probe = torch.randn(shape, dtype=torch.float64)
+    results = []
+    for model in (ours, unfused):
+        params = {k: v.detach() for k, v in model.named_parameters()}
+
+        def loss(p, x, *residual):
+            return (functional_call(model, p, (x, *residual)) * probe).sum()
+
+        argnums = (0, 1) if r is None else (0, 1, 2)
+        in_dims = (None, 0) if r is None else (None, 0, r_dim)
+        results.append(vmap(grad(loss, argnums=argnums), in_dims=in_dims)(params, xs, *([] if r is None else [r])))
+    ours_grads, their_grads = results
+    for name in their_grads[0]:
+        torch.testing.assert_close(ours_grads[0][name], their_grads[0][name], msg=name)
+    for i, (g_ours, g_theirs) in enumerate(zip(ours_grads[1:], their_grads[1:])):
+        assert g_ours.shape == (B,) + shape
+        torch.testing.assert_close(g_ours, g_theirs, msg=f"argument {i + 1}")
+    assert their_grads[1].abs().max() > 1e-3  # not the all-zero gradient
+
+
+@pytest.mark.usefixtures("without_vmap_fallback")
+@pytest.mark.parametrize("has_residual", [pytest.param(False, id="no_residual"), pytest.param(True, id="residual")])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("jac", [jacrev, jacfwd], ids=["jacrev", "jacfwd"])
+@pytest.mark.parametrize("training", modes)
+def test_jacobians_of_batch_norm_act(training, jac, activation, has_residual):
+    unfused, ours = batch_norm_act_pair(activation, training)
+    x = randn_shifted((3, 5, 2, 2), torch.float64, "cpu")
+    args = (x, torch.randn(3, 5, 2, 2, dtype=torch.float64)) if has_residual else (x,)
+    argnums = tuple(range(len(args)))
+    expected = jac(unfused, argnums=argnums)(*args)
+    got = jac(ours, argnums=argnums)(*args)
+    for i, (j_ours, j_theirs) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(j_ours, j_theirs, msg=f"argument {i}")

@@ -249,6 +249,166 @@ def test_onnx_decomposition_equals_eval_op(shape, dtype, memory_format):
         torch.testing.assert_close(got, expected, rtol=tol, atol=tol * 10)
 
 
+ACTIVATIONS = ["identity", "relu", "leaky_relu", "silu"]
+RESIDUAL = [pytest.param(False, id="plain"), pytest.param(True, id="residual")]
+
+
+class ComposedBatchNormAct(nn.Module):
+    """torch's eval BatchNorm2d -> add -> activation, the model BatchNormAct2d replaces."""
+
+    def __init__(self, num_features, activation, negative_slope=0.2):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(num_features, eps=1e-4)
+        self.act = {"identity": nn.Identity(), "relu": nn.ReLU(), "leaky_relu": nn.LeakyReLU(negative_slope),
+                    "silu": nn.SiLU()}[activation]
+
+    def forward(self, x, residual=None):
+        y = self.bn(x)
+        return self.act(y if residual is None else y + residual)
+
+
+class FusedBatchNormAct(nn.Module):
+    # BatchNormAct2d with the composed model's state (same state_dict keys under `bn`)
+    def __init__(self, composed, activation, negative_slope=0.2):
+        super().__init__()
+        self.bn = bnorm_ext.BatchNormAct2d(composed.bn.num_features, eps=composed.bn.eps, activation=activation,
+                                           negative_slope=negative_slope)
+        self.load_state_dict(composed.state_dict())
+        self.eval()
+
+    def forward(self, x, residual=None):
+        return self.bn(x, residual)
+
+
+def batch_norm_act_pair(activation, has_residual):
+    """(torch's composed eval model, BatchNormAct2d with its state, inputs)."""
+    x = randn_shifted((2, 4, 5, 5))
+    # NB: a residual of BN's output scale, so the activation sees both signs.
+    inputs = (x, torch.randn(2, 4, 5, 5)) if has_residual else (x,)
+    torch_model = with_nondefault_stats_(ComposedBatchNormAct(4, activation), inputs)
+    return torch_model, FusedBatchNormAct(torch_model, activation), inputs
+
+
+def node_signatures(proto):
+    import onnx
+
+    return [(node.op_type, sorted((a.name, onnx.helper.get_attribute_value(a)) for a in node.attribute))
+            for node in proto.graph.node]
+
+
+@requires_onnxruntime
+@pytest.mark.parametrize("has_residual", RESIDUAL)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_onnx_export_of_batch_norm_act_is_torchs_composition(exporter, activation, has_residual):
+    # BatchNormalization, Add, then the activation exactly as torch exports its own BN -> add -> act
+    torch_model, ours, inputs = batch_norm_act_pair(activation, has_residual)
+    counts = assert_onnx_matches(torch_model, ours, inputs, exporter, rtol=1e-5, atol=1e-5)
+    assert node_signatures(export_onnx(ours, inputs, exporter)) == node_signatures(
+        export_onnx(torch_model, inputs, exporter))
+    expected = {"identity": [], "relu": ["Relu"], "leaky_relu": ["LeakyRelu"], "silu": ["Sigmoid", "Mul"]}[activation]
+    expected = ["BatchNormalization"] + ["Add"] * has_residual + expected
+    assert {op: n for (_, op), n in counts.items() if op != "Identity"} == collections.Counter(expected), counts
+
+
+@requires_onnxruntime
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("opset_version", [9, 13, 14, 15, 20], ids=lambda v: f"opset{v}")
+def test_torchscript_onnx_export_of_batch_norm_act_at_each_opset(opset_version, activation):
+    torch_model, ours, inputs = batch_norm_act_pair(activation, True)
+    assert_onnx_matches(torch_model, ours, inputs, "torchscript", rtol=1e-5, atol=1e-5, opset_version=opset_version)
+    assert node_signatures(export_onnx(ours, inputs, "torchscript", opset_version=opset_version)) == node_signatures(
+        export_onnx(torch_model, inputs, "torchscript", opset_version=opset_version))
+
+
+@requires_onnxruntime
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_onnx_export_of_fused_resnet18(exporter, resnet18_and_input):
+    torch_model, x = resnet18_and_input
+    fused = bnorm_ext.fuse_activations(torch_model).eval()
+    modules = dict(fused.named_modules())
+    assert sum(n.op == "call_module" and isinstance(modules[n.target], bnorm_ext.BatchNormAct2d)
+               for n in fused.graph.nodes) == 17
+    options = {"optimize": False} if exporter == "dynamo" else {"do_constant_folding": False}
+    counts = assert_onnx_matches(torch_model, fused, (x,), exporter, rtol=1e-5, atol=1e-4, **options)
+    assert counts[("", "BatchNormalization")] == 20, counts
+    assert counts[("", "Relu")] == 17 and counts[("", "Add")] == 8, counts
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_onnx_export_in_training_mode_fails_as_for_the_plain_op(exporter):
+    # neither training op has a translation: the same exception type, naming our training op
+    # (the TorchScript exporter only sees it with training=TRAINING or PRESERVE)
+    x, r = randn_shifted((2, 4, 5, 5)), torch.randn(2, 4, 5, 5)
+    options = {} if exporter == "dynamo" else {"training": torch.onnx.TrainingMode.TRAINING}
+    errors = []
+    for model, inputs in ((bnorm_ext.BatchNorm2d(4), (x,)),
+                          (FusedBatchNormAct(ComposedBatchNormAct(4, "relu"), "relu"), (x, r))):
+        with pytest.raises(Exception) as error:
+            export_onnx(model.train(), inputs, exporter, **options)
+        errors.append(error)
+    assert errors[1].type is errors[0].type
+    assert "batch_norm_forward_train" in str(errors[0].value)
+    assert "batch_norm_act_forward_train" in str(errors[1].value)
+
+
+@requires_onnxruntime
+def test_torchscript_onnx_export_of_training_model_exports_eval_as_for_the_plain_op():
+    # the TorchScript exporter's default training=EVAL runs the model in eval mode for the export
+    torch_model, ours, inputs = batch_norm_act_pair("leaky_relu", True)
+    proto = export_onnx(ours.train(), inputs, "torchscript")
+    assert ours.training
+    assert node_signatures(proto) == node_signatures(export_onnx(torch_model, inputs, "torchscript"))
+    with torch.no_grad():
+        expected = ours.eval()(*inputs)
+    torch.testing.assert_close(run_onnxruntime(proto, inputs)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_registration_of_batch_norm_act_leaves_torch_export_and_compile_graphs_alone():
+    model = FusedBatchNormAct(ComposedBatchNormAct(4, "silu"), "silu")
+    inputs = (randn_shifted((2, 4, 6, 6)), torch.randn(2, 4, 6, 6))
+    op = torch.ops.bnorm_ext.batch_norm_act_forward_eval.default
+    program = torch.export.export(model, inputs)
+    decomposed = program.run_decompositions()
+    for graph in (program.graph, decomposed.graph):
+        assert op in [node.target for node in graph.nodes], graph
+    assert op not in torch.export.default_decompositions()
+    from torch._inductor.decomposition import select_decomp_table
+
+    assert op not in select_decomp_table()
+    torch.testing.assert_close(decomposed.module()(*inputs), model(*inputs))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape, dtype, memory_format, residual_format", [
+    pytest.param((3, 5, 4, 6), torch.float64, torch.contiguous_format, None, id="NCHW-float64-no_residual"),
+    pytest.param((3, 5, 4, 6), torch.float32, torch.contiguous_format, torch.contiguous_format, id="NCHW-float32"),
+    pytest.param((3, 5, 4, 6), torch.float32, torch.channels_last, torch.contiguous_format,
+                 id="NCHW-float32-channels_last-residual_contiguous"),
+    pytest.param((3, 5, 4, 6), torch.float64, torch.contiguous_format, torch.channels_last,
+                 id="NCHW-float64-residual_channels_last"),
+    pytest.param((3, 5, 4, 6), torch.bfloat16, torch.channels_last, torch.channels_last,
+                 id="NCHW-bfloat16-float32_params-channels_last"),
+])
+def test_onnx_decomposition_equals_batch_norm_act_eval_op(shape, dtype, memory_format, residual_format, activation):
+    from bnorm_ext._onnx import batch_norm_act_eval_as_aten
+
+    x = randn_shifted(shape, dtype=dtype, memory_format=memory_format)
+    residual = None if residual_format is None else torch.randn(shape).to(dtype).contiguous(
+        memory_format=residual_format)
+    _, bn, _ = make_bn_pair(nn.BatchNorm2d, bnorm_ext.BatchNorm2d, 5,
+                            param_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    for weight, bias in ((bn.weight, bn.bias), (None, None)):
+        args = (x, weight, bias, bn.running_mean, bn.running_var, 1e-3, residual, activation, 0.2)
+        expected = torch.ops.bnorm_ext.batch_norm_act_forward_eval(*args)
+        got = batch_norm_act_eval_as_aten(*args)
+        assert got.dtype == expected.dtype and got.stride() == expected.stride()
+        tol = {torch.bfloat16: 2e-2}.get(dtype, 1e-6)
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol * 10)
+    with pytest.raises(ValueError, match="expected activation"):
+        batch_norm_act_eval_as_aten(*args[:7], "gelu", 0.2)
+
+
 # torch.ao.quantization's fusion patterns that contain a BatchNorm, e.g. (Conv2d, BatchNorm2d, ReLU)
 BN_FUSION_PATTERNS = [
     pytest.param(types, id="-".join(t.__name__ for t in types))
