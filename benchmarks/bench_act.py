@@ -1,26 +1,40 @@
 #!/usr/bin/env python3
-"""CPU layer benchmark of the fused BatchNorm + activation: bnorm_ext.BatchNormAct2d vs torch's
-composed nn.BatchNorm2d -> (+ residual) -> ReLU, training mode.
+"""Layer benchmark of the fused BatchNorm + activation: bnorm_ext.BatchNormAct2d vs torch's
+composed nn.BatchNorm2d -> (+ residual) -> ReLU, eager and under torch.compile.
 
 Usage (from the repository root, with the package built):
 
-    python benchmarks/bench_act.py            # a few shapes, fwd and fwd+bwd, both layouts
-    python benchmarks/bench_act.py --quick    # smoke run
+    python benchmarks/bench_act.py                 # CPU: 2 shapes x 2 layouts x 2 patterns x 3 passes (a few minutes, most of it compiling)
+    python benchmarks/bench_act.py --quick         # smoke run
+    python benchmarks/bench_act.py --device cuda   # GPU: CUDA events, L2 flushed
 
-Passes
-    fwd      training forward (autograd graph recorded)
-    fwd+bwd  training forward, then torch.autograd.grad of input, weight, bias (and residual)
+Patterns   BN+ReLU (relu(BN(x))) and BN+add+ReLU (relu(BN(x) + residual))
+Passes     fwd      training forward (batch statistics, running-stat update, autograd graph recorded)
+           fwd+bwd  training forward, then torch.autograd.grad of input, weight, bias (and residual)
+           eval     eval forward under torch.no_grad()
+Columns    fused    bnorm_ext.BatchNormAct2d (one op forward, one op backward)
+           torch    torch.nn.BatchNorm2d, then torch's add and relu, eager
+           compile  the same torch module under torch.compile (default mode, dynamic=False)
 
-Measurement: bench.time_cpu (warm-up, calls per sample calibrated, ours and torch interleaved per
-repeat, alternating who goes first); the figure is the median; ratio = ours / torch (< 1: faster).
-Before timing, the fused module's output and gradients are compared with bnorm_ext.BatchNorm2d
-followed by torch's add/ReLU (the same BatchNorm kernels; float32 tolerances) and its output with
-torch's. NB: not torch's gradients: where BN's output is within rounding of 0 the two BatchNorm
-kernels can round to opposite sides, and ReLU's mask (so the gradient) differs there.
+Measurement: warm-up, then ours and the baselines interleaved per repeat (alternating order),
+input copies rotated; CPU samples last >= --min-sample-ms (bench.time_cpu), CUDA samples are
+single calls bracketed by CUDA events after an L2 flush (bench.CudaTimer). Figures are medians;
+ratio = fused / baseline (< 1: fused faster).
+Traffic floor per element of size s, r = 1 with a residual: fwd (3 + r)s (x read for the
+statistics and to normalize, residual read, y written), eval (2 + r)s, fwd+bwd (10 + 2r)s (the
+backward reads dy, y and x for its reduction and again to write dx, and writes d residual);
+GB/s = floor bytes / fused time, %floor = that as a percentage of the copy bandwidth.
+Before timing, the fused output is compared with torch's and its gradients with
+bnorm_ext.BatchNorm2d followed by torch's add and relu (float32 tolerances). NB: not torch's
+gradients: where BN's output is within rounding of 0 the two BatchNorm kernels may round to
+opposite sides, and the ReLU mask (so the gradient) differs there.
 """
 
 import argparse
+import contextlib
+import csv
 import os
+import platform
 import statistics
 import sys
 
@@ -29,75 +43,227 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import time_cpu  # noqa: E402
+from bench import BusyMeter, CudaTimer, copy_bandwidth, parse_shape, time_cpu  # noqa: E402
 
 import bnorm_ext  # noqa: E402
 
+PASSES = ("fwd", "fwd+bwd", "eval")
+PATTERNS = {"relu": "BN+ReLU", "add_relu": "BN+add+ReLU"}
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+DEFAULT_SHAPES = "16x64x56x56,16x256x14x14"
+QUICK_SHAPES = "4x32x16x16"
+CUDA_DEFAULT_SHAPES = "32x64x112x112,32x256x56x56,32x1024x14x14"
 
-def make_case(shape, layout, residual):
-    C = shape[1]
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x = (torch.randn(shape) * 3 + 5).contiguous(memory_format=fmt).requires_grad_()
-    r = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_() if residual else None
-    g = torch.randn(shape).contiguous(memory_format=fmt)
-    theirs = nn.BatchNorm2d(C)
-    with torch.no_grad():
-        theirs.weight.uniform_(0.5, 1.5)
-        theirs.bias.uniform_(-1, 1)
-    ours = bnorm_ext.BatchNormAct2d(C, activation="relu")
-    ours.load_state_dict(theirs.state_dict())
-    plain = bnorm_ext.BatchNorm2d(C)
-    plain.load_state_dict(theirs.state_dict())
 
-    def torch_fwd():
-        y = theirs(x)
-        return F.relu(y + r) if residual else F.relu(y)
+def floor_bytes(pass_: str, residual: bool, numel: int, elsize: int) -> int:
+    r = int(residual)
+    factor = {"fwd": 3 + r, "eval": 2 + r, "fwd+bwd": 10 + 2 * r}[pass_]
+    return factor * numel * elsize
 
-    def ours_fwd():
-        return ours(x, r)
 
-    def plain_fwd():
-        y = plain(x)
-        return F.relu(y + r) if residual else F.relu(y)
+class TorchComposed(nn.Module):
+    """torch's BN -> (+ residual) -> ReLU, the unfused model a user has."""
 
-    leaves = [x, r] if residual else [x]
+    def __init__(self, C, **kw):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(C, **kw)
 
-    def with_bwd(fwd, module):
+    def forward(self, x, residual=None):
+        y = self.bn(x)
+        return F.relu(y + residual) if residual is not None else F.relu(y)
+
+
+class PlainComposed(TorchComposed):
+    """bnorm_ext.BatchNorm2d -> torch add/ReLU: the gradient reference for the fused op."""
+
+    def __init__(self, C, **kw):
+        super().__init__(C, **kw)
+        self.bn = bnorm_ext.BatchNorm2d(C, **kw)
+
+
+class Fused(nn.Module):
+    def __init__(self, C, **kw):
+        super().__init__()
+        self.bn = bnorm_ext.BatchNormAct2d(C, activation="relu", **kw)
+
+    def forward(self, x, residual=None):
+        return self.bn(x, residual)
+
+
+class Case:
+    """One (shape, layout, pattern): modules with equal parameters and rotating inputs."""
+
+    def __init__(self, shape, layout, residual, device, copies, with_compile, gen):
+        C = shape[1]
+        fmt = LAYOUTS[layout]
+        kw = dict(device=device)
+        self.torch = TorchComposed(C, **kw)
+        with torch.no_grad():
+            self.torch.bn.weight.copy_(torch.rand(C, generator=gen) + 0.5)
+            self.torch.bn.bias.copy_(torch.randn(C, generator=gen))
+            self.torch.bn.running_var.copy_(torch.rand(C, generator=gen) + 0.5)
+        self.fused = Fused(C, **kw)
+        self.plain = PlainComposed(C, **kw)
+        for m in (self.fused, self.plain):
+            m.load_state_dict(self.torch.state_dict())
+        self.modules = {"fused": self.fused, "torch": self.torch, "plain": self.plain}
+        self.compiled = {}
+        if with_compile:
+            # separate modules per mode, so that train and eval are separate compiled graphs
+            for mode in ("train", "eval"):
+                m = TorchComposed(C, **kw)
+                m.load_state_dict(self.torch.state_dict())
+                self.modules["compile_" + mode] = m
+                self.compiled["compile_" + mode] = torch.compile(m, dynamic=False)
+
+        def data(scale, shift):
+            return [((torch.randn(shape, generator=gen) * scale + shift) * (1 + 0.01 * i))
+                    .to(device).contiguous(memory_format=fmt) for i in range(copies)]
+
+        self.xs = [x.requires_grad_() for x in data(3.0, 5.0)]
+        self.rs = [r.requires_grad_() for r in data(1.0, 0.0)] if residual else [None] * copies
+        self.gs = data(1.0, 0.0)
+        self.i = 0
+
+    def callable(self, name, pass_):
+        """A zero-argument function running `pass_` with module `name` on the next input copy."""
+        if name == "compile":
+            name += "_eval" if pass_ == "eval" else "_train"
+            module, call = self.modules[name], self.compiled[name]
+        else:
+            module = self.modules[name]
+            call = module
+        module.train(pass_ != "eval")
+        params = [module.bn.weight, module.bn.bias]
+        n = len(self.xs)
+
         def run():
-            y = fwd()
-            return torch.autograd.grad(y, leaves + [module.weight, module.bias], g)
+            i = self.i = (self.i + 1) % n
+            x, r = self.xs[i], self.rs[i]
+            if pass_ == "eval":
+                with torch.no_grad():
+                    return call(x, r)
+            y = call(x, r)
+            if pass_ == "fwd":
+                return y
+            leaves = [x] + ([r] if r is not None else []) + params
+            return torch.autograd.grad(y, leaves, self.gs[i])
+
         return run
 
-    cases = {"fwd": (ours_fwd, torch_fwd), "fwd+bwd": (with_bwd(ours_fwd, ours), with_bwd(torch_fwd, theirs))}
-    reference = {"fwd": plain_fwd, "fwd+bwd": with_bwd(plain_fwd, plain)}
-    return cases, reference
-
-
-def check(cases, reference):
-    torch.testing.assert_close(cases["fwd"][0](), cases["fwd"][1](), rtol=1e-4, atol=1e-4)
-    for a, b in zip(cases["fwd+bwd"][0](), reference["fwd+bwd"]()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    def check(self):
+        """Fused vs torch (outputs) and vs bnorm_ext BN + torch ops (gradients), on one input copy."""
+        state = {k: v.clone() for k, v in self.torch.state_dict().items()}
+        for pass_ in PASSES:
+            reference = "plain" if pass_ == "fwd+bwd" else "torch"
+            results = []
+            for name in ("fused", reference):
+                self.modules[name].load_state_dict(state)  # same running statistics
+                self.i = 0
+                out = self.callable(name, pass_)()
+                results.append(out if isinstance(out, tuple) else (out,))
+            for got, want in zip(*results):
+                assert got.isfinite().all(), f"{pass_}: non-finite values"
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--shapes", default=None, help=f"comma list of NxCxHxW (default cpu {DEFAULT_SHAPES}, cuda {CUDA_DEFAULT_SHAPES})")
+    p.add_argument("--layouts", default="nchw,channels_last")
+    p.add_argument("--patterns", default="relu,add_relu")
+    p.add_argument("--passes", default=",".join(PASSES))
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved samples (default cpu 15, cuda 30, --quick 3)")
+    p.add_argument("--min-sample-ms", type=float, default=20.0, help="cpu: each sample lasts at least this long")
+    p.add_argument("--copies", type=int, default=3, help="input copies rotated between calls")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="one small shape, few repeats")
+    p.add_argument("--csv", default=None, help="CSV path (default benchmarks/results/<device>_act.csv; '' to skip)")
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    shapes = [(16, 64, 56, 56), (16, 256, 14, 14)] if not args.quick else [(4, 32, 16, 16)]
-    repeats = 3 if args.quick else args.repeats
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median ms of {repeats} interleaved samples")
-    print(f"{'shape':>18} {'layout':>13} {'pattern':>14} {'pass':>8} {'ours':>8} {'torch':>8} {'ratio':>6}")
+
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes_text = args.shapes or (QUICK_SHAPES if args.quick else CUDA_DEFAULT_SHAPES if device == "cuda" else DEFAULT_SHAPES)
+    shapes = [parse_shape(s) for s in shapes_text.split(",") if s.strip()]
+    layouts = [s.strip() for s in args.layouts.split(",") if s.strip()]
+    patterns = [s.strip() for s in args.patterns.split(",") if s.strip()]
+    passes = [s.strip() for s in args.passes.split(",") if s.strip()]
+    for values, allowed, what in ((layouts, LAYOUTS, "layout"), (patterns, PATTERNS, "pattern"), (passes, PASSES, "pass")):
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise SystemExit(f"unknown {what} {bad}: choose from {list(allowed)}")
+    repeats = args.repeats or (3 if args.quick else 30 if device == "cuda" else 15)
+    with_compile = not args.no_compile
+    if with_compile:
+        cfg = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), 64))
+    timer = CudaTimer(torch, 256) if device == "cuda" else None
+    copy_gbps = copy_bandwidth(device, torch, timer, 10)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    dev = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    print(f"bnorm_ext fused BN+act benchmark: device={device} ({dev}) torch={torch.__version__} "
+          f"threads={torch.get_num_threads()} float32; median ms of {repeats} interleaved samples; "
+          f"copy bandwidth {copy_gbps:.1f} GB/s")
+    cols = ["fused", "torch"] + (["compile"] if with_compile else [])
+    head = f"{'shape':>15} {'layout':>13} {'pattern':>11} {'pass':>7} " + " ".join(f"{c:>8}" for c in cols)
+    head += f" {'/torch':>7}" + (f" {'/compile':>8}" if with_compile else "") + f" {'GB/s':>7} {'%floor':>6} {'busy':>5}"
+    print(head)
+    rows = []
     for shape in shapes:
-        for layout in ("nchw", "channels_last"):
-            for residual in (False, True):
-                cases, reference = make_case(shape, layout, residual)
-                check(cases, reference)
-                for pass_, (ours, theirs) in cases.items():
-                    samples, _ = time_cpu({"ours": ours, "torch": theirs}, repeats, 2, 20.0)
-                    o, t = statistics.median(samples["ours"]), statistics.median(samples["torch"])
-                    pattern = "BN+add+ReLU" if residual else "BN+ReLU"
-                    print(f"{str(shape):>18} {layout:>13} {pattern:>14} {pass_:>8} {o:8.3f} {t:8.3f} {o / t:6.2f}")
+        numel = shape[0] * shape[1] * shape[2] * shape[3]
+        for layout in layouts:
+            for pattern in patterns:
+                residual = pattern == "add_relu"
+                case = Case(shape, layout, residual, device, max(1, args.copies), with_compile, gen)
+                case.check()
+                for pass_ in passes:
+                    fns = {c: case.callable(c, pass_) for c in cols}
+                    if device == "cuda":
+                        samples = timer.time(fns, repeats, 5)
+                        busy = float("nan")
+                    else:
+                        meter = BusyMeter()
+                        samples, _ = time_cpu(fns, repeats, 3, args.min_sample_ms)
+                        busy = meter.fraction()
+                    ms = {c: statistics.median(samples[c]) for c in cols}
+                    nbytes = floor_bytes(pass_, residual, numel, 4)
+                    gbps = nbytes / (ms["fused"] * 1e-3) / 1e9
+                    row = dict(device=device, shape="x".join(map(str, shape)), layout=layout,
+                               pattern=PATTERNS[pattern], pass_=pass_, floor_bytes=nbytes,
+                               fused_ms=ms["fused"], torch_ms=ms["torch"], compile_ms=ms.get("compile", float("nan")),
+                               ratio_torch=ms["fused"] / ms["torch"],
+                               ratio_compile=ms["fused"] / ms["compile"] if with_compile else float("nan"),
+                               gbps=gbps, pct_floor=100 * gbps / copy_gbps, busy=busy, repeats=repeats)
+                    rows.append(row)
+                    line = f"{row['shape']:>15} {layout:>13} {row['pattern']:>11} {pass_:>7} "
+                    line += " ".join(f"{ms[c]:8.3f}" for c in cols) + f" {row['ratio_torch']:7.2f}"
+                    line += (f" {row['ratio_compile']:8.2f}" if with_compile else "")
+                    line += f" {gbps:7.1f} {row['pct_floor']:6.1f} {busy:5.2f}"
+                    print(line, flush=True)
+                del case
+    csv_path = args.csv if args.csv is not None else os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                  "results", f"{device}_act.csv")
+    if csv_path and not args.quick:
+        os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
+        with open(csv_path, "w", newline="") as f:
+            fields = ["device", "shape", "layout", "pattern", "pass", "fused_ms", "torch_ms", "compile_ms",
+                      "ratio_torch", "ratio_compile", "floor_bytes", "gbps", "pct_floor", "busy", "repeats"]
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            for r in rows:
+                out = {k: r[k] for k in fields if k in r}
+                out["pass"] = r["pass_"]
+                w.writerow({k: (f"{v:.5f}" if isinstance(v, float) else v) for k, v in out.items()})
+        print(f"CSV written to {csv_path}")
     return 0
 
 

@@ -1,0 +1,198 @@
+#!/usr/bin/env python3
+"""Model benchmark: torchvision ResNets with torch's BatchNorm, converted to bnorm_ext, and
+converted + fused (BN -> act and BN -> add -> act as one op), eager and under torch.compile.
+
+Usage (from the repository root, with the package built and torchvision installed):
+
+    python benchmarks/bench_models.py            # ResNet-18 and ResNet-50, batch 16, 112x112 (~10-15 min on 2 cores, most of it compiling)
+    python benchmarks/bench_models.py --quick    # ResNet-18 at 64x64, few repeats: a smoke run
+    python benchmarks/bench_models.py --device cuda
+
+Variants   torch      torchvision model as is (torch.nn.BatchNorm2d)
+           converted  bnorm_ext.convert_batchnorm(model)
+           fused      bnorm_ext.fuse_activations(bnorm_ext.convert_batchnorm(model))
+Modes      eager, and compile = torch.compile(model) (default mode, dynamic=False)
+Workloads  train  one SGD step: zero_grad, forward, cross-entropy, backward, optimizer.step()
+           infer  eval-mode forward under torch.no_grad()
+
+All variants start from the same weights. Before timing, each variant's first training loss and
+its eval output are compared with the torch variant's in the same mode (float32 tolerances).
+Timing: warm-up (compiles), then --repeats rounds; in each round every variant of the group runs
+the same number of calls back to back (order alternating between rounds); figure = median ms per
+call; ratio = variant / torch variant in the same mode. The CPU figures are for this machine only:
+compare ratios, not times.
+"""
+
+import argparse
+import copy
+import csv
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import BusyMeter  # noqa: E402
+
+import bnorm_ext  # noqa: E402
+
+VARIANTS = ("torch", "converted", "fused")
+MODES = ("eager", "compile")
+WORKLOADS = ("train", "infer")
+
+
+def build_variants(name, device, seed):
+    import torchvision
+
+    torch.manual_seed(seed)
+    base = getattr(torchvision.models, name)(weights=None).to(device)
+    converted = bnorm_ext.convert_batchnorm(copy.deepcopy(base))
+    fused = bnorm_ext.fuse_activations(copy.deepcopy(converted))
+    return {"torch": base, "converted": converted, "fused": fused}
+
+
+class Runner:
+    """One (variant, mode): the model, its optimizer and the step functions."""
+
+    def __init__(self, model, mode):
+        self.model = model
+        self.opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        self.call = torch.compile(model, dynamic=False) if mode == "compile" else model
+
+    def train_step(self, x, target):
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.call(x), target)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def infer(self, x):
+        self.model.eval()
+        with torch.no_grad():
+            return self.call(x)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_group(fns, repeats, number, device):
+    """Interleaved medians (ms per call) of zero-argument functions."""
+    names = list(fns)
+    samples = {n: [] for n in names}
+    for r in range(repeats):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(number):
+                fns[n]()
+            sync(device)
+            samples[n].append((time.perf_counter() - t0) / number * 1e3)
+    return {n: statistics.median(v) for n, v in samples.items()}
+
+
+def check(runners, x, target, mode):
+    """First training loss and eval output of every variant vs the torch variant."""
+    ref_state = {n: copy.deepcopy(r.model.state_dict()) for n, r in runners.items()}
+    losses = {n: r.train_step(x, target) for n, r in runners.items()}
+    outs = {n: r.infer(x) for n, r in runners.items()}
+    for n in runners:
+        assert torch.isfinite(losses[n]) and outs[n].isfinite().all(), f"{n} {mode}: non-finite result"
+        torch.testing.assert_close(losses[n], losses["torch"], rtol=1e-4, atol=1e-4, msg=f"{n} {mode}: training loss")
+        torch.testing.assert_close(outs[n], outs["torch"], rtol=2e-3, atol=2e-3, msg=f"{n} {mode}: eval output")
+        runners[n].model.load_state_dict(ref_state[n])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--models", default="resnet18,resnet50")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--size", type=int, default=112, help="input height and width")
+    p.add_argument("--modes", default="eager,compile")
+    p.add_argument("--workloads", default="train,infer")
+    p.add_argument("--repeats", type=int, default=None, help="rounds (default 7, --quick 3, cuda 20)")
+    p.add_argument("--channels-last", action="store_true", help="model and input in channels_last")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="ResNet-18 at 64x64, batch 4, 3 rounds")
+    p.add_argument("--csv", default=None, help="CSV path (default benchmarks/results/<device>_models.csv; '' to skip)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.models, args.size, args.batch = "resnet18", 64, 4
+    repeats = args.repeats or (3 if args.quick else 20 if device == "cuda" else 7)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 64))
+
+    dev = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    print(f"bnorm_ext model benchmark: device={device} ({dev}) torch={torch.__version__} threads={torch.get_num_threads()} "
+          f"batch {args.batch} {args.size}x{args.size} float32{' channels_last' if args.channels_last else ''}; "
+          f"median ms per call of {repeats} interleaved rounds")
+    print(f"{'model':>9} {'workload':>8} {'mode':>8} " + " ".join(f"{v:>10}" for v in VARIANTS)
+          + f" {'conv/torch':>10} {'fused/torch':>11} {'busy':>5}")
+    rows = []
+    gen = torch.Generator().manual_seed(args.seed)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    for name in models:
+        x = (torch.randn(args.batch, 3, args.size, args.size, generator=gen) * 3 + 5).to(device)
+        x = x.contiguous(memory_format=fmt)
+        target = torch.randint(0, 1000, (args.batch,), generator=gen).to(device)
+        for mode in modes:
+            variants = build_variants(name, device, args.seed)
+            runners = {}
+            for v, model in variants.items():
+                runners[v] = Runner(model.to(memory_format=fmt), mode)
+            t0 = time.perf_counter()
+            check(runners, x, target, mode)  # also the warm-up that compiles
+            print(f"  ({name} {mode}: checked{' and compiled' if mode == 'compile' else ''} in "
+                  f"{time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+            for workload in workloads:
+                if workload == "train":
+                    fns = {v: (lambda r=r: r.train_step(x, target)) for v, r in runners.items()}
+                else:
+                    fns = {v: (lambda r=r: r.infer(x)) for v, r in runners.items()}
+                for f in fns.values():
+                    f()
+                number = 1 if device == "cpu" else 5
+                meter = BusyMeter()
+                ms = time_group(fns, repeats, number, device)
+                busy = meter.fraction() if device == "cpu" else float("nan")
+                row = dict(device=device, model=name, workload=workload, mode=mode, batch=args.batch,
+                           size=args.size, torch_ms=ms["torch"], converted_ms=ms["converted"],
+                           fused_ms=ms["fused"], ratio_converted=ms["converted"] / ms["torch"],
+                           ratio_fused=ms["fused"] / ms["torch"], busy=busy, repeats=repeats)
+                rows.append(row)
+                print(f"{name:>9} {workload:>8} {mode:>8} " + " ".join(f"{ms[v]:10.2f}" for v in VARIANTS)
+                      + f" {row['ratio_converted']:10.3f} {row['ratio_fused']:11.3f} {busy:5.2f}", flush=True)
+            del runners, variants
+    csv_path = args.csv if args.csv is not None else os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                  "results", f"{device}_models.csv")
+    if csv_path and not args.quick:
+        os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
+        with open(csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+        print(f"CSV written to {csv_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
