@@ -1,7 +1,10 @@
 """Drives every CUDA op once per dtype x memory format x size, for
 compute-sanitizer (memcheck, racecheck, synccheck, initcheck) and as a quick
-correctness check against the CPU reference kernels. Exits non-zero on any
-mismatch.
+correctness check against the CPU reference kernels, and the fused BatchNorm +
+activation ops (every activation, with and without a residual; training
+forward and backward, eval forward and backward) against torch's composed
+F.batch_norm -> add -> activation on the same device in float64. Exits
+non-zero on any mismatch.
 
     python benchmarks/cuda_smoke.py               # small sizes
     python benchmarks/cuda_smoke.py --large       # adds sizes that fill the GPU
@@ -15,7 +18,10 @@ input (an instrumented run could lower occupancy and silently move everything
 to the two-pass kernels). --sanitizer still reaches every kernel family with
 32-bit indices once per path: each dtype in both layouts with 16-byte vectors
 and with scalars, half inputs with half and with float32 parameters,
-misaligned dense inputs, and more channels than resident blocks.
+misaligned dense inputs, and more channels than resident blocks; the fused
+ops each activation (silu also without a residual) for float32 and float16
+in both layouts with vectors and with scalars, an empty batch and misaligned
+tensors.
 """
 
 import argparse
@@ -23,6 +29,7 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
 import bnorm_ext  # noqa: F401  (registers torch.ops.bnorm_ext)
 
@@ -144,6 +151,76 @@ def run_case(shape, dtype, memory_format, path, failures, device="cuda", misalig
     _close(f"{tag} gather_stats.running_var", rv2, rv2_c, dtype, failures)
 
 
+ACTIVATIONS = ["identity", "relu", "leaky_relu", "silu"]
+SLOPE = 0.2
+
+
+def _act(t, activation):
+    if activation == "relu":
+        return F.relu(t)
+    if activation == "leaky_relu":
+        return F.leaky_relu(t, SLOPE)
+    if activation == "silu":
+        return F.silu(t)
+    return t
+
+
+def run_act_case(shape, dtype, memory_format, path, failures, device="cuda", activation="relu", residual=True,
+                 misaligned=False):
+    """The fused ops act(BN(x) + residual) against torch's composed ops in float64 on the same device:
+    training forward (output, statistics, running statistics) and backward as the autograd kernel calls
+    them, then eval forward and backward."""
+    tag = (f"act-{activation}{'+residual' if residual else ''}-{'x'.join(map(str, shape))}-"
+           f"{str(dtype).split('.')[-1]}-{'cl' if memory_format == torch.channels_last else 'nchw'}-{path}"
+           f"{'-misaligned' if misaligned else ''}")
+    C = shape[1]
+    param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+    def make(t, dt=dtype):
+        t = t.to(device=device, dtype=dt)
+        if t.dim() != len(shape):  # a per-channel tensor
+            return t
+        if len(shape) == 4:
+            t = t.contiguous(memory_format=memory_format)
+        return misaligned_copy(t) if misaligned else t
+
+    x = make(torch.randn(shape, dtype=torch.float64) * 3 + 5)
+    r = make(torch.randn(shape, dtype=torch.float64)) if residual else None
+    dy = make(torch.randn(shape, dtype=torch.float64))
+    w = make(torch.rand(C, dtype=torch.float64) + 0.5, param_dtype)
+    b = make(torch.randn(C, dtype=torch.float64), param_dtype)
+    rm0 = make(torch.randn(C, dtype=torch.float64), param_dtype)
+    rv0 = make(torch.rand(C, dtype=torch.float64) + 0.5, param_dtype)
+    for training in (True, False):
+        mode = "train" if training else "eval"
+        rm, rv = rm0.clone(), rv0.clone()
+        # torch's composed ops in float64 on the same (rounded) data, with autograd
+        leaves = [t.double().requires_grad_() for t in (x, w, b)] + ([r.double().requires_grad_()] if residual else [])
+        rm_ref, rv_ref = rm0.double(), rv0.double()
+        z = F.batch_norm(leaves[0], rm_ref, rv_ref, leaves[1], leaves[2], training, 0.1, 1e-5)
+        y_ref = _act(z + leaves[3] if residual else z, activation)
+        grads_ref = torch.autograd.grad(y_ref, leaves, dy.double())
+        if training:
+            y, mean, invstd = ops.batch_norm_act_forward_train(x, w, b, rm, rv, None, 0.1, 1e-5, r, activation, SLOPE)
+            stats = (None, None, mean, invstd)
+            _close(f"{tag} {mode}.running_mean", rm, rm_ref, dtype, failures)
+            _close(f"{tag} {mode}.running_var", rv, rv_ref, dtype, failures)
+        else:
+            y = ops.batch_norm_act_forward_eval(x, w, b, rm, rv, 1e-5, r, activation, SLOPE)
+            stats = (rm, rv, None, None)
+        _close(f"{tag} {mode}.output", y, y_ref, dtype, failures)
+        if x.numel() and not y.is_contiguous(memory_format=memory_format):
+            failures.append(f"{tag} {mode}.output: strides {y.stride()} not in the input's memory format")
+        saved_y = y if activation in ("relu", "leaky_relu") else None
+        saved_r = r if activation == "silu" else None
+        grads = ops.batch_norm_act_backward(
+            dy, saved_y, x, w, b, *stats, saved_r, training, 1e-5, residual, activation, SLOPE)
+        for name, got, want in zip(["grad_input", "grad_weight", "grad_bias", "grad_residual"], grads, grads_ref):
+            _close(f"{tag} {mode}.{name}", got, want, dtype, failures)
+        if not residual and grads[3].shape != (0,):
+            failures.append(f"{tag} {mode}.grad_residual: shape {tuple(grads[3].shape)}, expected (0,)")
+
+
 def check_single_read_launches(failures):
     """The single-read kernels must launch for a small input (one forward, one backward)."""
     from bnorm_ext import _C
@@ -154,11 +231,14 @@ def check_single_read_launches(failures):
     launches = _C._single_read_launches()
     _, mean, invstd = ops.batch_norm_forward_train(x, None, None, None, None, None, 0.1, 1e-5)
     ops.batch_norm_backward(dy, x, None, None, None, mean, invstd, True, 1e-5)
+    # the fused ops' kernels too (another register budget): silu with a residual
+    _, mean, invstd = ops.batch_norm_act_forward_train(x, None, None, None, None, None, 0.1, 1e-5, dy, "silu", 0.0)
+    ops.batch_norm_act_backward(dy, None, x, None, None, None, None, mean, invstd, dy, True, 1e-5, True, "silu", 0.0)
     torch.cuda.synchronize()
     launched = _C._single_read_launches() - launches
-    print(f"single-read launches for a 4x16x8x8 float32 training step: {launched} (expected 2)")
-    if launched != 2:
-        failures.append(f"single-read kernels launched {launched} times for a small training step, expected 2 "
+    print(f"single-read launches for a 4x16x8x8 float32 training step, plain and fused: {launched} (expected 4)")
+    if launched != 4:
+        failures.append(f"single-read kernels launched {launched} times for a small training step, expected 4 "
                         f"(lower occupancy, e.g. under a sanitizer, or a refused cooperative launch: "
                         f"{_C._cooperative_refusals()} refusals recorded)")
 
@@ -168,6 +248,30 @@ SMALL_SHAPES = [(2, 3, 5, 7), (3, 5, 7, 9), (4, 64, 8, 8), (2, 1024, 2, 2), (2, 
 LARGE_SHAPES = [(32, 64, 56, 56), (64, 256, 28, 28), (8, 3, 223, 221)]
 # L = 16 and C = 16: 16-byte vectors for every dtype in both layouts; L = 9, C = 5: scalars
 SANITIZER_SHAPES = [(2, 16, 4, 4), (3, 5, 3, 3), (0, 3, 4, 4)]
+
+
+def act_cases(args):
+    """(shape, dtype, memory_format, extras) of the fused ops' runs, for each path."""
+    if args.sanitizer:
+        shapes, dtypes = SANITIZER_SHAPES[:2], [torch.float32, torch.float16]
+    else:
+        shapes, dtypes = SMALL_SHAPES[:3] + [(6, 13), (3, 4, 17)], DTYPES
+    variants = [{"activation": a} for a in ACTIVATIONS] + [{"activation": "silu", "residual": False}]
+    if not args.sanitizer:
+        variants += [{"activation": a, "residual": False} for a in ACTIVATIONS[:3]]
+    formats_of = {4: [torch.contiguous_format, torch.channels_last]}
+    for shape in shapes:
+        for dtype in dtypes:
+            for memory_format in formats_of.get(len(shape), [torch.contiguous_format]):
+                for variant in variants:
+                    yield shape, dtype, memory_format, variant
+    for memory_format in formats_of[4]:
+        yield (0, 3, 4, 4), torch.float32, memory_format, {"activation": "silu"}
+        for activation in ("relu", "silu") if args.sanitizer else ACTIVATIONS:
+            yield (2, 16, 4, 4), torch.float32, memory_format, {"activation": activation, "misaligned": True}
+        if args.large:  # several blocks per channel
+            for activation in ("relu", "silu"):
+                yield LARGE_SHAPES[0], torch.float32, memory_format, {"activation": activation}
 
 
 def cases(args):
@@ -206,6 +310,9 @@ def main():
         os.environ["BNORM_EXT_CUDA_SINGLE_READ"] = "1" if path == "single_read" else "0"
         for shape, dtype, memory_format, extras in cases(args):
             run_case(shape, dtype, memory_format, path, failures, device=args.device, **extras)
+            n += 1
+        for shape, dtype, memory_format, extras in act_cases(args):
+            run_act_case(shape, dtype, memory_format, path, failures, device=args.device, **extras)
             n += 1
     if args.device == "cuda":
         torch.cuda.synchronize()

@@ -3,15 +3,18 @@
 # (a lease: 15 minutes of device time, 10 per command, a fresh bare machine each call).
 #
 #   bash benchmarks/gpu_check.sh 1 RESULTS_DIR   # CUDA tests (the >2^31-element ones too), cuda_smoke
-#                                                # --large on both paths, a short benchmark of both paths
+#                                                # --large on both paths, the fused BN + activation ops'
+#                                                # CUDA tests, a short benchmark of both paths and the
+#                                                # fused ops' layer benchmark
 #   bash benchmarks/gpu_check.sh 2 RESULTS_DIR   # compute-sanitizer memcheck, racecheck, synccheck and
 #                                                # initcheck over cuda_smoke.py --sanitizer
 #
 # With the device tool: first, here, `bash benchmarks/build_for_device.sh` (writes device_build/),
 # then one call per stage, e.g.
 #   run(command='bash benchmarks/gpu_check.sh 1 "$OUT"', carry=["device_build"], timeout_s=540)
-# Everything lands flat in RESULTS_DIR (at most 7 files per stage, under the tool's 8):
+# Everything lands flat in RESULTS_DIR (at most 8 files per stage, the tool's limit):
 #   stage 1: summary.txt setup.log smoke.log tests.log bench.log bench_single_read.csv bench_two_pass.csv
+#            act_cuda.csv
 #   stage 2: summary.txt setup.log sanitizer_{memcheck,racecheck,synccheck,initcheck}.log
 # and the summary (one screen) is printed last.
 #
@@ -24,10 +27,14 @@
 # `timeout` and the whole stage a deadline (STAGE_BUDGET_S, default 460 s): a step gets at most
 # what is left, and steps with under 15 s left are skipped, so a stage ends within about
 # 7.9 minutes even if steps hang; give the device call timeout_s=540. Planned limits, in order:
-#   stage 1: setup 30 s (prebuilt; a build 300 s) | smoke --large 75 s | tests 200 s |
-#            torch.compile tests 85 s | benchmark, single-read 40 s | benchmark, two-pass 30 s
+#   stage 1: setup 30 s (prebuilt; a build 300 s) | smoke --large 80 s | tests 160 s |
+#            fused-op tests (tests/test_batch_norm_act.py and tests/test_opcheck.py -k act, CUDA
+#            cases) 70 s | torch.compile tests 55 s | benchmark, single-read 25 s |
+#            benchmark, two-pass 20 s | fused-op benchmark 20 s
+#            (the fused-op steps and the smoke's fused cases are not timed anywhere yet)
 #   stage 2: setup 30 s | smoke --sanitizer without a tool 30 s | memcheck 95 s | racecheck 105 s |
-#            synccheck 80 s | initcheck 105 s
+#            synccheck 80 s | initcheck 105 s (the smoke's fused-op cases, about as many runs again as
+#            the plain ops', not timed anywhere yet)
 # CPU-side parts measured on the 2-core CPU machine, 2026-12-02, in a dry run from a clean clone
 # (torch 2.11.0+cu130, Python 3.12, the prebuilt library, no GPU, so every GPU step failed fast
 # or skipped): stage 1 took 41 s (importing the library 4 s; collecting the CUDA tests and
@@ -154,17 +161,22 @@ pytest_args=(-q -p no:cacheprovider -rfE --durations=20 -o addopts="")
 "$PY" -c 'import pytest_timeout' 2>/dev/null && pytest_args+=(--timeout=150)
 
 stage1() {
-  step smoke smoke.log 75 "$PY" benchmarks/cuda_smoke.py --large
-  step tests tests.log 200 env BNORM_EXT_RUNSLOW=1 "$PY" -m pytest "${pytest_args[@]}" --maxfail=40 \
+  step smoke smoke.log 80 "$PY" benchmarks/cuda_smoke.py --large
+  step tests tests.log 160 env BNORM_EXT_RUNSLOW=1 "$PY" -m pytest "${pytest_args[@]}" --maxfail=40 \
     tests/test_cuda.py tests/test_cuda_host_side.py tests/test_build.py -k "not torch_compile"
-  step tests_compile tests.log 85 "$PY" -m pytest "${pytest_args[@]}" tests/test_cuda.py -k torch_compile
+  # NB: "act" selects all of test_batch_norm_act.py (its module name) and the fused ops' opcheck
+  # cases; "cuda" their CUDA cases (the device id, or a test_cuda_* name)
+  step tests_act tests.log 70 "$PY" -m pytest "${pytest_args[@]}" --maxfail=40 \
+    tests/test_batch_norm_act.py tests/test_opcheck.py -k "act and cuda"
+  step tests_compile tests.log 55 "$PY" -m pytest "${pytest_args[@]}" tests/test_cuda.py -k torch_compile
   local bench=(benchmarks/bench.py --device cuda --no-compile --repeats 20 --plot ""
     --shapes 32x64x112x112,32x256x28x28,32x2048x7x7)
   # NB: 32x2048x7x7 fits the single-read kernel both ways, 32x256x28x28 the forward only,
   # 32x64x112x112 neither (on an H200); the two-pass run times the same rows without it
-  step bench_single_read bench.log 40 "$PY" "${bench[@]}" --csv "$out/bench_single_read.csv"
-  step bench_two_pass bench.log 30 env BNORM_EXT_CUDA_SINGLE_READ=0 "$PY" "${bench[@]}" --passes fwd,bwd \
+  step bench_single_read bench.log 25 "$PY" "${bench[@]}" --csv "$out/bench_single_read.csv"
+  step bench_two_pass bench.log 20 env BNORM_EXT_CUDA_SINGLE_READ=0 "$PY" "${bench[@]}" --passes fwd,bwd \
     --csv "$out/bench_two_pass.csv"
+  step bench_act bench.log 20 "$PY" benchmarks/bench_act.py --device cuda --csv "$out/act_cuda.csv"
 }
 
 stage2() {

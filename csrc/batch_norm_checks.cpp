@@ -43,6 +43,10 @@ Tensor dense_input(const Tensor& input) {
   return input.contiguous(output_memory_format(input));
 }
 
+Tensor dense_like_input(const OptTensor& t, const Tensor& input) {
+  return given(t) ? t->contiguous(output_memory_format(input)) : Tensor();
+}
+
 void check_params(
     const char* op,
     const Tensor& input,

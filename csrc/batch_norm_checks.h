@@ -7,6 +7,7 @@
 
 #include <optional>
 #include <string_view>
+#include <type_traits>
 
 #include "batch_norm_math.h"
 
@@ -43,6 +44,10 @@ BatchNormShape check_input(const char* op, const Tensor& input);
 
 // The input in the dense layout the kernels read (a copy only if it is not).
 Tensor dense_input(const Tensor& input);
+
+// t in the input's dense layout (the kernels index both with one offset; a
+// copy only if it is not); an undefined tensor when t is not given.
+Tensor dense_like_input(const OptTensor& t, const Tensor& input);
 
 // Checks weight/bias/running stats: C elements, input's device, and one
 // shared dtype that is the input's or float32 for a half/bfloat16 input.
@@ -127,6 +132,21 @@ BatchNormShape check_backward_args(
 // leaky_relu or silu (ValueError otherwise, and for leaky_relu with
 // negative_slope < 0, whose derivative the output could not decide).
 Activation parse_activation(const char* op, std::string_view name, double negative_slope);
+
+// Calls f(std::integral_constant<Activation, act>{}).
+template <typename F>
+void with_activation(Activation act, const F& f) {
+  switch (act) {
+    case Activation::kIdentity:
+      return f(std::integral_constant<Activation, Activation::kIdentity>{});
+    case Activation::kRelu:
+      return f(std::integral_constant<Activation, Activation::kRelu>{});
+    case Activation::kLeakyRelu:
+      return f(std::integral_constant<Activation, Activation::kLeakyRelu>{});
+    case Activation::kSilu:
+      return f(std::integral_constant<Activation, Activation::kSilu>{});
+  }
+}
 
 // A fused op's residual or saved output, `name`: input's shape, dtype and
 // device (None allowed).

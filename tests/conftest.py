@@ -48,6 +48,20 @@ def acc_dtype_for(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# The CUDA training kernels: "single_read" (one cooperative launch that keeps
+# the input on chip; used where it fits) or "two_pass" (forced by the environment).
+CUDA_PATHS = ["single_read", "two_pass"]
+
+
+@pytest.fixture(params=CUDA_PATHS)
+def cuda_path(request, monkeypatch):
+    if request.param == "two_pass":
+        monkeypatch.setenv("BNORM_EXT_CUDA_SINGLE_READ", "0")
+    else:
+        monkeypatch.delenv("BNORM_EXT_CUDA_SINGLE_READ", raising=False)
+    return request.param
+
+
 # ---------------------------------------------------------------------------
 # seeds
 # ---------------------------------------------------------------------------
@@ -159,6 +173,22 @@ def bn_layer_cases(model, x, generator):
         for h in hooks:
             h.remove()
     return [(n, inputs[n], grads[n], *params[n]) for n, _ in bns]
+
+
+def misaligned_copy(x):
+    """A dense copy of x (same memory format) whose data pointer is one element past
+    a 16-byte boundary, so every kernel must take its scalar path."""
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    if channels_last:
+        N, C, H, W = x.shape
+        view = buf[1:].view(N, H, W, C).permute(0, 3, 1, 2)
+    else:
+        view = buf[1:].view(x.shape)
+    view.copy_(x)
+    assert view.data_ptr() % 16 != 0
+    assert view.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return view
 
 
 def cl_format_for(ndim):

@@ -11,7 +11,8 @@ from torch import nn
 from torch.autograd import forward_ad, gradcheck, gradgradcheck
 
 import bnorm_ext
-from conftest import acc_dtype_for, devices, dtypes, memory_formats, randn_shifted
+from conftest import (acc_dtype_for, devices, dtypes, memory_formats, misaligned_copy, randn_shifted,
+                      requires_cuda)
 
 ACTIVATIONS = ["identity", "relu", "leaky_relu", "silu"]
 SLOPE = 0.2
@@ -82,9 +83,10 @@ def test_parity_float64(device, activation, has_residual, training, memory_forma
         assert_close(ours, theirs, 1e-11, 1e-11, f"grad {name}")
 
 
-def test_parity_no_affine_momentum_none():
-    x, _, _, r, rm, rv = make_case((4, 5, 3, 3), torch.float64, "cpu", torch.contiguous_format)
-    nbt = torch.tensor(3)
+@pytest.mark.parametrize("device", devices)
+def test_parity_no_affine_momentum_none(device):
+    x, _, _, r, rm, rv = make_case((4, 5, 3, 3), torch.float64, device, torch.contiguous_format)
+    nbt = torch.tensor(3, device=device)
     rm_ref, rv_ref = rm.clone(), rv.clone()
     x.requires_grad_()
     out = torch.ops.bnorm_ext.batch_norm_act_forward_train(x, None, None, rm, rv, nbt, None, EPS, r, "silu", 0.0)[0]
@@ -100,9 +102,9 @@ def test_parity_no_affine_momentum_none():
 GRAD_SHAPE = (2, 3, 2, 3)
 
 
-def _fn(training, activation, has_residual):
-    rm = torch.randn(GRAD_SHAPE[1], dtype=torch.float64)
-    rv = torch.rand(GRAD_SHAPE[1], dtype=torch.float64) + 0.5
+def _fn(training, activation, has_residual, device="cpu"):
+    rm = torch.randn(GRAD_SHAPE[1], dtype=torch.float64).to(device)
+    rv = (torch.rand(GRAD_SHAPE[1], dtype=torch.float64) + 0.5).to(device)
 
     def f(x, w, b, *r):
         return bnorm_ext.batch_norm_act(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-3, activation, SLOPE,
@@ -110,8 +112,8 @@ def _fn(training, activation, has_residual):
     return f
 
 
-def _grad_inputs(has_residual, memory_format=torch.contiguous_format):
-    x, w, b, r, _, _ = make_case(GRAD_SHAPE, torch.float64, "cpu", memory_format, residual=has_residual)
+def _grad_inputs(has_residual, memory_format=torch.contiguous_format, device="cpu"):
+    x, w, b, r, _, _ = make_case(GRAD_SHAPE, torch.float64, device, memory_format, residual=has_residual)
     return tuple(t.requires_grad_() for t in (x, w, b, r) if t is not None)
 
 
@@ -127,9 +129,10 @@ def test_gradcheck_and_gradgradcheck(activation, has_residual, training):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("activation", ["relu", "silu"])
-def test_gradcheck_channels_last_and_forward_ad(activation, training):
-    args = _grad_inputs(True, torch.channels_last)
-    f = _fn(training, activation, True)
+@pytest.mark.parametrize("device", devices)
+def test_gradcheck_channels_last_and_forward_ad(device, activation, training):
+    args = _grad_inputs(True, torch.channels_last, device)
+    f = _fn(training, activation, True, device)
     assert gradcheck(f, args, eps=1e-6, atol=1e-5, rtol=1e-4, check_forward_ad=True)
 
 
@@ -226,9 +229,154 @@ def test_dtypes_and_layouts(device, dtype, activation, training, memory_format, 
         assert_close(ours.double(), theirs, tol * 8 * max(scale, 1.0), tol * 4, f"grad {name}")
 
 
-def test_empty_batch_and_bad_arguments_leave_running_stats():
-    x, w, b, r, rm, rv = make_case((2, 3, 4, 4), torch.float32, "cpu", torch.contiguous_format)
-    nbt = torch.tensor(0)
+# ---------------------------------------------------------------------------
+# CUDA kernels against the CPU kernels (the reference semantics) and torch
+# ---------------------------------------------------------------------------
+def fused_step(x, w, b, r, rm, rv, g, training, activation, slope=SLOPE):
+    """The fused ops as the autograd kernel calls them: the forward, then the
+    backward with what it saves (the output for relu/leaky_relu, the residual
+    for silu). Returns the forward's results, then the four gradients."""
+    ops = torch.ops.bnorm_ext
+    if training:
+        nbt = torch.tensor(2, device=x.device)
+        y, mean, invstd = ops.batch_norm_act_forward_train(x, w, b, rm, rv, nbt, 0.1, EPS, r, activation, slope)
+        forward = [y, mean, invstd, rm, rv, nbt]
+        stats = (None, None, mean, invstd)
+    else:
+        y = ops.batch_norm_act_forward_eval(x, w, b, rm, rv, EPS, r, activation, slope)
+        forward = [y]
+        stats = (rm, rv, None, None)
+    saved_y = y if activation in ("relu", "leaky_relu") else None
+    saved_r = r if activation == "silu" else None
+    grads = ops.batch_norm_act_backward(
+        g, saved_y, x, w, b, *stats, saved_r, training, EPS, r is not None, activation, slope)
+    return forward + list(grads)
+
+
+STEP_RESULTS = {True: ["output", "save_mean", "save_invstd", "running_mean", "running_var", "num_batches_tracked"],
+                False: ["output"]}
+GRAD_NAMES = ["grad_input", "grad_weight", "grad_bias", "grad_residual"]
+# CUDA (acc dtype float32 for float32/bfloat16/float16) against the CPU kernels
+# (float64 sums): relative to max(1, |reference|).
+CPU_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+def assert_cuda_matches_cpu(cuda_results, cpu_results, names, dtype):
+    for name, ours, ref in zip(names, cuda_results, cpu_results):
+        assert ours.device.type == "cuda", name
+        assert ours.dtype == ref.dtype and ours.shape == ref.shape, (name, ours.dtype, ref.dtype, ours.shape, ref.shape)
+        if ours.dtype == torch.long:
+            assert torch.equal(ours.cpu(), ref), name
+            continue
+        if ref.dim() == 4:
+            fmt = torch.channels_last if not ref.is_contiguous() else torch.contiguous_format
+            assert ours.is_contiguous(memory_format=fmt), f"{name}: strides {ours.stride()} vs CPU {ref.stride()}"
+        tol = CPU_TOL[dtype] * (4 if name in ("grad_weight", "grad_bias") else 1)
+        scale = max(1.0, ref.double().abs().max().item()) if ref.numel() else 1.0
+        assert_close(ours.cpu().double(), ref.double(), tol * scale, tol, f"{name} (CUDA vs CPU)")
+
+
+# L = 24 and C = 16: 16-byte vectors for every dtype in both layouts; L = 21, C = 5: scalars.
+CUDA_SHAPES = [pytest.param((4, 16, 4, 6), id="vectorised"), pytest.param((3, 5, 7, 3), id="scalar")]
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+@pytest.mark.parametrize("has_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("memory_format", memory_formats)
+@pytest.mark.parametrize("dtype", dtypes)
+def test_cuda_matches_cpu_kernels_and_torch(dtype, memory_format, activation, has_residual, shape, cuda_path):
+    # Training (on the single-read or the two-pass kernels) and eval, forward and backward:
+    # the CUDA ops against the CPU ops on the same data, and against torch's composed ops.
+    from bnorm_ext import _C
+
+    pdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    x, w, b, r, rm, rv = make_case(shape, dtype, "cpu", memory_format, param_dtype=pdt, residual=has_residual)
+    g = torch.randn(shape, dtype=torch.float64).to(dtype).contiguous(memory_format=memory_format)
+    cpu = [x, w, b, r, rm, rv, g]
+    for training in (True, False):
+        host = [t.clone() if t is not None else None for t in cpu]
+        dev = [t.cuda() if t is not None else None for t in cpu]
+        launches = _C._single_read_launches()
+        ours = fused_step(*dev, training, activation)
+        torch.cuda.synchronize()
+        if training:
+            # forward and backward each take the single-read kernel where it is allowed
+            assert _C._single_read_launches() - launches == (2 if cuda_path == "single_read" else 0)
+        ref = fused_step(*host, training, activation)
+        assert_cuda_matches_cpu(ours, ref, STEP_RESULTS[training] + GRAD_NAMES, dtype)
+        # torch's composed ops on the same (rounded) data, in float64
+        d = [t.double().requires_grad_() if t is not None else None for t in (x, w, b, r)]
+        out = composed(d[0], rm.double(), rv.double(), d[1], d[2], training, activation, d[3])
+        leaves = [t for t in d if t is not None]
+        theirs = torch.autograd.grad(out, leaves, g.double())
+        n = len(STEP_RESULTS[training])
+        tol = TOL[dtype]
+        assert_close(ours[0].cpu().double(), out.detach(), tol * 4 * max(1.0, out.abs().max().item()), tol, "output")
+        for name, mine, th in zip(GRAD_NAMES, ours[n:n + 3] + ([ours[n + 3]] if has_residual else []), theirs):
+            assert_close(mine.cpu().double(), th, tol * 8 * max(1.0, th.abs().max().item()), tol * 4, name)
+        if not has_residual:
+            assert ours[n + 3].shape == (0,)
+
+
+@requires_cuda
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("memory_format", memory_formats)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_cuda_misaligned_tensors(dtype, memory_format, activation, cuda_path):
+    # Every input-sized tensor one element past a 16-byte boundary (the scalar paths), in turn
+    # and all at once: the same results as the CPU kernels.
+    shape = (4, 16, 4, 6)
+    pdt = torch.float32
+    x, w, b, r, rm, rv = make_case(shape, dtype, "cpu", memory_format, param_dtype=pdt)
+    g = torch.randn(shape, dtype=torch.float64).to(dtype).contiguous(memory_format=memory_format)
+    for training in (True, False):
+        ref = fused_step(x, w, b, r, rm.clone(), rv.clone(), g, training, activation)
+        for which in ("x", "residual", "grad_out", "all"):
+            dev = {k: t.cuda() for k, t in dict(x=x, residual=r, grad_out=g).items()}
+            for k in dev:
+                if which in (k, "all"):
+                    dev[k] = misaligned_copy(dev[k])
+            ours = fused_step(dev["x"], w.cuda(), b.cuda(), dev["residual"], rm.cuda(), rv.cuda(), dev["grad_out"],
+                              training, activation)
+            assert_cuda_matches_cpu(ours, ref, STEP_RESULTS[training] + GRAD_NAMES, dtype)
+
+
+@requires_cuda
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_cuda_misaligned_saved_output(activation):
+    # relu / leaky_relu read the saved output in the backward: misaligned, the scalar path.
+    x, w, b, r, rm, rv = make_case((4, 16, 4, 6), torch.float32, "cuda", torch.contiguous_format)
+    g = torch.randn_like(x)
+    y, mean, invstd = torch.ops.bnorm_ext.batch_norm_act_forward_train(
+        x, w, b, None, None, None, 0.1, EPS, r, activation, SLOPE)
+    args = (x, w, b, None, None, mean, invstd, None, True, EPS, True, activation, SLOPE)
+    aligned = torch.ops.bnorm_ext.batch_norm_act_backward(g, y, *args)
+    misaligned = torch.ops.bnorm_ext.batch_norm_act_backward(g, misaligned_copy(y), *args)
+    for name, a, m in zip(GRAD_NAMES, aligned, misaligned):
+        torch.testing.assert_close(m, a, rtol=1e-5, atol=1e-5, msg=lambda msg: f"{name}: {msg}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+@pytest.mark.parametrize("memory_format", memory_formats)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_cuda_bitwise_reproducible(dtype, memory_format, activation, cuda_path):
+    # No float atomics: the same call gives the same bits, here with several blocks per channel.
+    x, w, b, r, rm, rv = make_case((32, 24, 20, 20), dtype, "cuda", memory_format, param_dtype=torch.float32)
+    g = torch.randn_like(x)
+    for training in (True, False):
+        first = fused_step(x, w, b, r, rm.clone(), rv.clone(), g, training, activation)
+        second = fused_step(x, w, b, r, rm.clone(), rv.clone(), g, training, activation)
+        for name, a, c in zip(STEP_RESULTS[training] + GRAD_NAMES, first, second):
+            assert torch.equal(a, c), name
+
+
+@pytest.mark.parametrize("device", devices)
+def test_empty_batch_and_bad_arguments_leave_running_stats(device):
+    x, w, b, r, rm, rv = make_case((2, 3, 4, 4), torch.float32, device, torch.contiguous_format)
+    nbt = torch.tensor(0, device=device)
     saved = (rm.clone(), rv.clone())
     op = torch.ops.bnorm_ext.batch_norm_act_forward_train
     with pytest.raises(ValueError, match="expected activation 'identity', 'relu', 'leaky_relu' or 'silu', got 'gelu'"):
@@ -247,13 +395,23 @@ def test_empty_batch_and_bad_arguments_leave_running_stats():
     with pytest.raises(RuntimeError, match="reads its derivative from output, which is None"):
         torch.ops.bnorm_ext.batch_norm_act_backward(
             x, None, x, w, b, rm, rv, None, None, None, False, EPS, False, "relu", 0.0)
-    empty = torch.empty(0, 3, 4, 4)
-    out = bnorm_ext.batch_norm_act(empty, rm, rv, w, b, False, residual=torch.empty(0, 3, 4, 4))
+    empty = torch.empty(0, 3, 4, 4, device=device)
+    out = bnorm_ext.batch_norm_act(empty, rm, rv, w, b, False, residual=torch.empty(0, 3, 4, 4, device=device))
     assert out.shape == empty.shape
+    # training on an empty batch: running stats untouched, num_batches_tracked counts (as torch)
+    out = op(empty, w, b, rm, rv, nbt, 0.1, EPS, empty, "silu", 0.0)[0]
+    assert out.shape == empty.shape and nbt.item() == 1
+    assert torch.equal(rm, saved[0]) and torch.equal(rv, saved[1])
+    grads = torch.ops.bnorm_ext.batch_norm_act_backward(
+        empty, out, empty, w, b, None, None, torch.zeros(3, device=device), torch.ones(3, device=device), empty,
+        True, EPS, True, "relu", 0.0)
+    assert [tuple(g.shape) for g in grads] == [(0, 3, 4, 4), (3,), (3,), (0, 3, 4, 4)]
+    assert not grads[1].any() and not grads[2].any()
 
 
-def test_nan_propagates_like_torch():
-    x, w, b, r, rm, rv = make_case((2, 3, 4, 4), torch.float64, "cpu", torch.contiguous_format)
+@pytest.mark.parametrize("device", devices)
+def test_nan_propagates_like_torch(device):
+    x, w, b, r, rm, rv = make_case((2, 3, 4, 4), torch.float64, device, torch.contiguous_format)
     r[0, 1, 2, 2] = float("nan")
     for activation in ACTIVATIONS:
         out = bnorm_ext.batch_norm_act(x, rm, rv, w, b, False, activation=activation, negative_slope=SLOPE, residual=r)
@@ -476,16 +634,17 @@ def test_instruction_set_builds_and_thread_count(shape, memory_format, isa, monk
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_residual_and_grad_in_other_layouts(training):
+@pytest.mark.parametrize("device", devices)
+def test_residual_and_grad_in_other_layouts(device, training):
     # The residual (and grad_out) may have any strides; the output has the input's layout.
-    x, w, b, _, rm, rv = make_case((3, 8, 5, 6), torch.float64, "cpu", torch.channels_last)
-    r = torch.randn(3, 8, 5, 12, dtype=torch.float64)[..., ::2]  # non-dense view
+    x, w, b, _, rm, rv = make_case((3, 8, 5, 6), torch.float64, device, torch.channels_last)
+    r = torch.randn(3, 8, 5, 12, dtype=torch.float64, device=device)[..., ::2]  # non-dense view
     leaves = [t.requires_grad_() for t in (x, w, b, r)]
     out = bnorm_ext.batch_norm_act(x, rm.clone(), rv.clone(), w, b, training, activation="silu", residual=r)
     ref = composed(x, rm.clone(), rv.clone(), w, b, training, "silu", r)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert_close(out, ref, 1e-12, 1e-12, "output")
-    g = torch.randn(3, 8, 6, 5, dtype=torch.float64).transpose(2, 3)
+    g = torch.randn(3, 8, 6, 5, dtype=torch.float64, device=device).transpose(2, 3)
     for name, ours, theirs in zip("xwbr", torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, leaves, g)):
         assert_close(ours, theirs, 1e-11, 1e-11, f"grad {name}")
 

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 from conftest import STEP_NAMES as NAMES
-from conftest import check_parity, dtypes, max_abs_err, memory_formats, randn_shifted, seeded_train_step
+from conftest import (check_parity, dtypes, max_abs_err, memory_formats, misaligned_copy, randn_shifted,
+                      seeded_train_step)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 
@@ -39,20 +40,6 @@ CUDA_SHAPES = [
     pytest.param((16, 64, 17, 13), id="16x64x17x13"),
     pytest.param((64, 32, 28, 28), id="64x32x28x28"),  # several vectors per thread
 ]
-
-# The training kernels: "single_read" (one cooperative launch that keeps the
-# input on chip; used where it fits) or "two_pass" (forced by the environment).
-PATHS = ["single_read", "two_pass"]
-
-
-@pytest.fixture(params=PATHS)
-def cuda_path(request, monkeypatch):
-    if request.param == "two_pass":
-        monkeypatch.setenv("BNORM_EXT_CUDA_SINGLE_READ", "0")
-    else:
-        monkeypatch.delenv("BNORM_EXT_CUDA_SINGLE_READ", raising=False)
-    return request.param
-
 
 @pytest.mark.parametrize("shape", CUDA_SHAPES)
 @pytest.mark.parametrize("memory_format", memory_formats)
@@ -99,22 +86,6 @@ def test_cuda_noncontiguous_parity():
                  lambda dt, dev: randn_shifted((3, 6, 5, 4), dt, dev).permute(0, 3, 2, 1), torch.float32, DEV)
     check_parity(nn.BatchNorm2d, bnorm_ext.BatchNorm2d,
                  lambda dt, dev: randn_shifted((3, 8, 5, 6), dt, dev)[:, ::2], torch.float32, DEV)
-
-
-def misaligned_copy(x):
-    """A dense copy of x (same memory format) whose data pointer is one element past
-    a 16-byte boundary, so every kernel must take its scalar path."""
-    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
-    if channels_last:
-        N, C, H, W = x.shape
-        view = buf[1:].view(N, H, W, C).permute(0, 3, 1, 2)
-    else:
-        view = buf[1:].view(x.shape)
-    view.copy_(x)
-    assert view.data_ptr() % 16 != 0
-    assert view.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    return view
 
 
 MISALIGNED_SHAPES = [

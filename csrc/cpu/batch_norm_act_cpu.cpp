@@ -28,27 +28,6 @@ inline Sums add(const Sums& a, const Sums& b) {
 
 namespace {
 
-// Calls f(std::integral_constant<Activation, act>{}).
-template <typename F>
-void with_activation(Activation act, const F& f) {
-  switch (act) {
-    case Activation::kIdentity:
-      return f(std::integral_constant<Activation, Activation::kIdentity>{});
-    case Activation::kRelu:
-      return f(std::integral_constant<Activation, Activation::kRelu>{});
-    case Activation::kLeakyRelu:
-      return f(std::integral_constant<Activation, Activation::kLeakyRelu>{});
-    case Activation::kSilu:
-      return f(std::integral_constant<Activation, Activation::kSilu>{});
-  }
-}
-
-// t in input's dense layout (the kernels index both with one offset); an
-// undefined tensor when t is not given.
-Tensor dense_like_input(const OptTensor& t, const Tensor& input) {
-  return given(t) ? t->contiguous(output_memory_format(input)) : Tensor();
-}
-
 template <typename scalar_t>
 const scalar_t* data_or_null(const Tensor& t) {
   return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;

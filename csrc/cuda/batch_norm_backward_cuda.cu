@@ -7,96 +7,11 @@
 #include <torch/library.h>
 
 #include "batch_norm_cuda.h"
-#include "batch_norm_cuda_single_read.cuh"
+#include "batch_norm_cuda_passes.cuh"
 
 namespace bnorm_ext {
 namespace cuda {
 namespace {
-
-// sum_dy and sum_dy_xmu ([C], acc) of dense dy and x, and, when grad_weight is
-// given, grad_weight = sum_dy_xmu * invstd and grad_bias = sum_dy; `visit`
-// sees every vector of dy and x loaded (its pointers aligned as `visit_aligned`).
-template <typename scalar_t, typename param_t, typename Visit = IgnoreLoaded>
-void grad_sums(
-    const Tensor& dy,
-    const Tensor& x,
-    const BatchNormShape& s,
-    const Tensor& mean,
-    Tensor& sum_dy,
-    Tensor& sum_dy_xmu,
-    const Tensor& invstd,
-    const OptTensor& grad_weight,
-    const OptTensor& grad_bias,
-    const Visit& visit = Visit{},
-    bool visit_aligned = true) {
-  using acc_t = acc_type<scalar_t>;
-  const GradReducer<scalar_t> reducer{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>()};
-  const bool aligned = is_aligned16(dy.const_data_ptr()) && is_aligned16(x.const_data_ptr()) && visit_aligned;
-  Tensor partials;
-  int64_t splits;
-  std::tie(partials, splits) =
-      launch_channel_reduce<GradReducer<scalar_t>, scalar_t>(reducer, s, aligned, sum_dy.options(), visit);
-  const unsigned blocks = static_cast<unsigned>((s.C + kBlockSize - 1) / kBlockSize);
-  finalize_grad_kernel<acc_t, param_t><<<blocks, kBlockSize, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const GradSums<acc_t>*>(partials.const_data_ptr<acc_t>()),
-      s.C,
-      splits,
-      GradOutputs<acc_t, param_t>{
-          sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xmu.mutable_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
-          opt_mutable_ptr<param_t>(grad_weight), opt_mutable_ptr<param_t>(grad_bias)});
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// Training backward in one single-read launch when dy and x fit on chip:
-// dx, and grad_weight / grad_bias in their own dtype. False: nothing launched.
-template <typename scalar_t, typename param_t>
-bool single_read_backward(
-    const Tensor& dy,
-    const Tensor& x,
-    Tensor& dx,
-    const BatchNormShape& s,
-    const Tensor& mean,
-    const Tensor& invstd,
-    const OptTensor& weight,
-    Tensor& grad_weight,
-    Tensor& grad_bias) {
-  using acc_t = acc_type<scalar_t>;
-  const auto acc_options = mean.options();
-  // NB: the kernel writes acc_t; a half weight's grads are cast after.
-  const bool acc_grads = grad_weight.scalar_type() == mean.scalar_type();
-  Tensor gw = acc_grads ? grad_weight : at::empty({s.C}, acc_options);
-  Tensor gb = acc_grads ? grad_bias : at::empty({s.C}, acc_options);
-  const GradReducer<scalar_t> reducer{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>()};
-  const GradInputEpilogue<scalar_t, param_t> epilogue{
-      dx.mutable_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), opt_ptr<param_t>(weight),
-      static_cast<acc_t>(s.reduce_size()),
-      GradOutputs<acc_t, acc_t>{nullptr, nullptr, invstd.const_data_ptr<acc_t>(), gw.mutable_data_ptr<acc_t>(),
-                                gb.mutable_data_ptr<acc_t>()}};
-  const bool aligned = is_aligned16(dy.const_data_ptr()) && is_aligned16(x.const_data_ptr()) &&
-      is_aligned16(dx.const_data_ptr());
-  if (!launch_single_read(reducer, epilogue, s, aligned, acc_options)) {
-    return false;
-  }
-  if (!acc_grads) {
-    grad_weight.copy_(gw);
-    grad_bias.copy_(gb);
-  }
-  return true;
-}
-
-// dx over dense dy and x with the given coefficient loader.
-template <typename scalar_t, typename Loader, bool kTrain>
-void grad_input(const Tensor& dy, const Tensor& x, Tensor& dx, const BatchNormShape& s, const Loader& coeffs) {
-  using Op = BackwardOp<scalar_t, Loader, kTrain>;
-  const Op op{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), coeffs};
-  const bool aligned = is_aligned16(dy.const_data_ptr()) && is_aligned16(x.const_data_ptr()) &&
-      is_aligned16(dx.const_data_ptr());
-  launch_channel_elementwise<Op, scalar_t>(op, s, aligned);
-}
-
-Tensor dense_grad(const Tensor& grad_out, const Tensor& input) {
-  return grad_out.contiguous(output_memory_format(input));
-}
 
 std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cuda(
     const Tensor& grad_out,
@@ -169,17 +84,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
   const char* op = "bnorm_ext::batch_norm_backward";
   const BatchNormShape s = check_backward_args(op, grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
   const auto acc = acc_scalar_type(input.scalar_type());
-  Tensor mean, invstd;
   c10::cuda::CUDAGuard guard(input.device());
-  if (training) {
-    mean = save_mean->contiguous();
-    invstd = save_invstd->contiguous();
-  } else {
-    // NB: C-sized, in-stream; eval backward is off the hot path.
-    mean = running_mean->to(acc).contiguous();
-    invstd = (running_var->to(acc) + eps).sqrt().reciprocal(); // as invstd_from_var
-  }
-  const auto param_type = param_scalar_type(input, {&weight, &running_mean, &running_var});
+  const auto [mean, invstd] = backward_stats(training, save_mean, save_invstd, running_mean, running_var, eps, acc);
   const auto param_options = input.options().dtype(weight.has_value() && weight->defined() ? weight->scalar_type() : acc);
   Tensor grad_weight = at::zeros({s.C}, param_options);
   Tensor grad_bias = at::zeros({s.C}, param_options);
@@ -187,46 +93,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
   if (input.numel() == 0) {
     return {dx, grad_weight, grad_bias};
   }
-  const Tensor dy = dense_grad(grad_out, input);
-  const Tensor x = dense_input(input);
-  const OptTensor w = contiguous_param(weight);
-  Tensor sum_dy = at::empty({s.C}, input.options().dtype(acc));
-  Tensor sum_dy_xmu = at::empty({s.C}, input.options().dtype(acc));
-  const double count = static_cast<double>(s.reduce_size());
-  dispatch_input_and_param(input.scalar_type(), param_type, [&](auto scalar_tag, auto param_tag) {
-    using scalar_t = decltype(scalar_tag);
-    using acc_t = acc_type<scalar_t>;
-    using param_t = decltype(param_tag);
-    if (training && single_read_backward<scalar_t, param_t>(dy, x, dx, s, mean, invstd, w, grad_weight, grad_bias)) {
-      return;
-    }
-    // Eval: dx = dy * dy_scale, written by the reduction as it reads dy.
-    const EvalGradInputVisit<scalar_t, param_t> eval_dx{
-        {dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
-         {mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), opt_ptr<param_t>(w), nullptr, nullptr, nullptr}}};
-    // grad_weight/grad_bias come out in the weight's dtype (acc when no weight).
-    const auto run = [&](auto grad_tag) {
-      using grad_t = decltype(grad_tag);
-      if (training) {
-        grad_sums<scalar_t, grad_t>(dy, x, s, mean, sum_dy, sum_dy_xmu, invstd, grad_weight, grad_bias);
-      } else {
-        grad_sums<scalar_t, grad_t>(dy, x, s, mean, sum_dy, sum_dy_xmu, invstd, grad_weight, grad_bias, eval_dx,
-                                    is_aligned16(dx.const_data_ptr()));
-      }
-    };
-    if (grad_weight.scalar_type() == acc) {
-      run(acc_t{});
-    } else {
-      run(scalar_t{});
-    }
-    if (training) {
-      const Tensor n = at::full({1}, count, input.options().dtype(acc));
-      const BackwardCoeffLoader<acc_t, param_t, true> coeffs{
-          mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), opt_ptr<param_t>(w),
-          sum_dy.const_data_ptr<acc_t>(), sum_dy_xmu.const_data_ptr<acc_t>(), n.const_data_ptr<acc_t>()};
-      grad_input<scalar_t, decltype(coeffs), true>(dy, x, dx, s, coeffs);
-    }
-  });
+  backward_passes(dense_grad(grad_out, input), dense_input(input), dx, s, mean, invstd, contiguous_param(weight),
+                  grad_weight, grad_bias, training, param_scalar_type(input, {&weight, &running_mean, &running_var}),
+                  [](auto scalar_tag, auto, const auto& run) { run(PlainGrad<decltype(scalar_tag)>{}); });
   return {dx, grad_weight, grad_bias};
 }
 

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "../batch_norm_checks.h"
 #include "../batch_norm_math.h"
@@ -110,6 +111,7 @@ struct StatsReducer {
   using Partial = WelfordData<acc_t>;
   struct Context {};
   static constexpr int kInputs = 1;
+  static constexpr bool kChannelContext = false; // a per-channel context kept in registers
   const scalar_t* x;
 
   __device__ Context context(int64_t) const {
@@ -183,25 +185,156 @@ struct StatsReducer {
   }
 };
 
-// Reducer for the backward sums sum(dy) and sum(dy * (x - mean)).
-template <typename scalar_t_>
+// dy, x and the prologue's third input (aux, 0 when it has none) of one element.
+template <typename acc_t>
+struct GradValue {
+  acc_t dy;
+  acc_t x;
+  acc_t aux;
+};
+
+// Per-channel context of a prologue that needs none.
+struct NoChannel {};
+
+// Gradient prologues: how the gradient reaching BN's output, dz, comes from
+// grad_out (dy) in the backward reduction and elementwise passes, and where dz
+// goes besides dx. kAux: dz reads a third input-sized tensor (load_aux);
+// kReadsX: dz reads x (so the eval-mode input gradient loads it); Channel:
+// what dz needs per channel besides the mean (channel(c)). aligned() (host):
+// the prologue's pointers are 16-byte aligned.
+// The plain ops: dz = dy, nothing else read or written.
+template <typename scalar_t>
+struct PlainGrad {
+  using acc_t = acc_type<scalar_t>;
+  using Channel = NoChannel;
+  static constexpr bool kAux = false;
+  static constexpr bool kReadsX = false;
+
+  bool aligned() const {
+    return true;
+  }
+  __device__ Channel channel(int64_t) const {
+    return {};
+  }
+  template <int VEC, typename index_t>
+  __device__ void load_aux(index_t, Vec<scalar_t, VEC>&) const {}
+  __device__ acc_t dz(acc_t, const Channel&, const GradValue<acc_t>& v) const {
+    return v.dy;
+  }
+  template <int VEC, typename index_t>
+  __device__ void store_dz(index_t, const acc_t (&)[VEC]) const {}
+};
+
+// Fused ops, identity / relu / leaky_relu: dz = act'(z) * dy with the
+// derivative decided by the forward's output y (aux; not read for identity);
+// dz also goes to grad_residual when given.
+template <typename scalar_t, Activation A>
+struct GradFromOutput {
+  static_assert(A != Activation::kSilu, "silu's derivative needs its pre-activation: GradThroughSilu");
+  using acc_t = acc_type<scalar_t>;
+  using Channel = NoChannel;
+  static constexpr bool kAux = A != Activation::kIdentity;
+  static constexpr bool kReadsX = false;
+  const scalar_t* y; // dense, the input's layout (unused for identity)
+  scalar_t* grad_residual; // may be null
+  acc_t negative_slope;
+
+  bool aligned() const {
+    return is_aligned16(y) && is_aligned16(grad_residual);
+  }
+  __device__ Channel channel(int64_t) const {
+    return {};
+  }
+  template <int VEC, typename index_t>
+  __device__ void load_aux(index_t i, Vec<scalar_t, VEC>& raw) const {
+    raw = *reinterpret_cast<const Vec<scalar_t, VEC>*>(y + i);
+  }
+  __device__ acc_t dz(acc_t, const Channel&, const GradValue<acc_t>& v) const {
+    return activation_grad_from_output<A>(v.dy, v.aux, negative_slope);
+  }
+  template <int VEC, typename index_t>
+  __device__ void store_dz(index_t i, const acc_t (&dz)[VEC]) const {
+    if (grad_residual != nullptr) {
+      store_from_acc<VEC>(grad_residual, i, dz);
+    }
+  }
+};
+
+// Fused ops, silu: dz = silu'(z) * dy with the pre-activation z recomputed as
+// the forward computed it: normalize_apply with the statistics the forward
+// normalized with (the channel's mean and invstd), weight and bias, in acc_t,
+// plus the residual (aux) when given. dz also goes to grad_residual when given.
+template <typename scalar_t, typename param_t>
+struct GradThroughSilu {
+  using acc_t = acc_type<scalar_t>;
+  // The forward's normalize scale (weight * invstd) and bias.
+  struct Channel {
+    acc_t scale;
+    acc_t bias;
+  };
+  static constexpr bool kAux = true;
+  static constexpr bool kReadsX = true;
+  const scalar_t* residual; // dense, the input's layout; may be null
+  scalar_t* grad_residual; // may be null
+  const acc_t* invstd;
+  const param_t* weight; // may be null
+  const param_t* bias; // may be null
+
+  bool aligned() const {
+    return is_aligned16(residual) && is_aligned16(grad_residual);
+  }
+  __device__ Channel channel(int64_t c) const {
+    const NormalizeCoeffs<acc_t> k = normalize_coeffs<acc_t>(
+        acc_t(0), invstd[c], weight ? static_cast<acc_t>(weight[c]) : acc_t(1),
+        bias ? static_cast<acc_t>(bias[c]) : acc_t(0));
+    return {k.scale, k.bias};
+  }
+  template <int VEC, typename index_t>
+  __device__ void load_aux(index_t i, Vec<scalar_t, VEC>& raw) const {
+    if (residual != nullptr) {
+      raw = *reinterpret_cast<const Vec<scalar_t, VEC>*>(residual + i);
+    } else {
+      raw = Vec<scalar_t, VEC>{};
+    }
+  }
+  __device__ acc_t dz(acc_t mean, const Channel& k, const GradValue<acc_t>& v) const {
+    acc_t z = normalize_apply(NormalizeCoeffs<acc_t>{mean, acc_t(0), k.scale, k.bias}, v.x);
+    if (residual != nullptr) {
+      z += v.aux;
+    }
+    return silu_grad(v.dy, z);
+  }
+  template <int VEC, typename index_t>
+  __device__ void store_dz(index_t i, const acc_t (&dz)[VEC]) const {
+    if (grad_residual != nullptr) {
+      store_from_acc<VEC>(grad_residual, i, dz);
+    }
+  }
+};
+
+// Reducer for the backward sums sum(dz) and sum(dz * (x - mean)), dz from dy
+// through the Prologue (the plain ops: dz = dy).
+template <typename scalar_t_, typename Prologue = PlainGrad<scalar_t_>>
 struct GradReducer {
   using scalar_t = scalar_t_;
   using acc_t = acc_type<scalar_t>;
-  struct Value {
-    acc_t dy;
-    acc_t x;
-  };
+  using Value = GradValue<acc_t>;
   using State = GradSums<acc_t>;
   using Partial = GradSums<acc_t>;
-  using Context = acc_t; // the channel's mean
-  static constexpr int kInputs = 2; // dy, x
+  struct Context {
+    acc_t mean;
+    typename Prologue::Channel act;
+  };
+  static constexpr int kInputs = Prologue::kAux ? 3 : 2; // dy, x (, aux)
+  // The prologue's per-channel context, besides the mean, kept in registers.
+  static constexpr bool kChannelContext = !std::is_empty_v<typename Prologue::Channel>;
   const scalar_t* dy;
   const scalar_t* x;
   const acc_t* mean;
+  Prologue pro;
 
   __device__ Context context(int64_t c) const {
-    return mean[c];
+    return {mean[c], pro.channel(c)};
   }
   __device__ static State init() {
     return {acc_t(0), acc_t(0)};
@@ -210,34 +343,41 @@ struct GradReducer {
   __device__ void load_raw(index_t i, Vec<scalar_t, VEC> (&raw)[kInputs]) const {
     raw[0] = *reinterpret_cast<const Vec<scalar_t, VEC>*>(dy + i);
     raw[1] = *reinterpret_cast<const Vec<scalar_t, VEC>*>(x + i);
+    if constexpr (Prologue::kAux) {
+      pro.template load_aux<VEC>(i, raw[kInputs - 1]);
+    }
   }
   template <int VEC>
   __device__ static void unpack(const Vec<scalar_t, VEC> (&raw)[kInputs], Value (&v)[VEC]) {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      v[k] = {static_cast<acc_t>(raw[0].v[k]), static_cast<acc_t>(raw[1].v[k])};
+      v[k] = {static_cast<acc_t>(raw[0].v[k]), static_cast<acc_t>(raw[1].v[k]), acc_t(0)};
+      if constexpr (Prologue::kAux) {
+        v[k].aux = static_cast<acc_t>(raw[kInputs - 1].v[k]);
+      }
     }
   }
-  __device__ void add(State& s, const Context& m, const Value& v) const {
-    s.sum_dy += v.dy;
-    s.sum_dy_xmu += v.dy * (v.x - m);
+  __device__ void add(State& s, const Context& ctx, const Value& v) const {
+    const acc_t dz = pro.dz(ctx.mean, ctx.act, v);
+    s.sum_dy += dz;
+    s.sum_dy_xmu += dz * (v.x - ctx.mean);
   }
   template <int VEC>
   static constexpr int run_vectors() {
     return 1;
   }
   template <int R>
-  __device__ void add_run(State& s, const Context& m, const Value (&v)[R]) const {
+  __device__ void add_run(State& s, const Context& ctx, const Value (&v)[R]) const {
 #pragma unroll
     for (int k = 0; k < R; ++k) {
-      add(s, m, v[k]);
+      add(s, ctx, v[k]);
     }
   }
   template <int VEC>
-  __device__ void add_row(State (&s)[VEC], const Context (&m)[VEC], const Value (&v)[VEC]) const {
+  __device__ void add_row(State (&s)[VEC], const Context (&ctx)[VEC], const Value (&v)[VEC]) const {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      add(s[k], m[k], v[k]);
+      add(s[k], ctx[k], v[k]);
     }
   }
   __device__ static Partial finish(const State& s) {
@@ -250,6 +390,24 @@ struct GradReducer {
 
 template <typename Reducer, int VEC>
 using RawVec = Vec<typename Reducer::scalar_t, VEC>;
+
+// for (; more(); next()) body(); a loop over index_t positions whose trip
+// count is known at run time only. NB: with 64-bit indices not unrolled: the
+// unroller's 64-bit trip-count division is a subroutine call, around which
+// ptxas spilled loop state (32-bit loops are compiled as before).
+template <typename index_t, typename More, typename Next, typename Body>
+__device__ __forceinline__ void index_loop(const More& more, const Next& next, const Body& body) {
+  if constexpr (sizeof(index_t) == 8) {
+#pragma unroll 1
+    for (; more(); next()) {
+      body();
+    }
+  } else {
+    for (; more(); next()) {
+      body();
+    }
+  }
+}
 
 // A reduction's work is cut into segments, each reduced by one block into one
 // partial per channel: [N, C, L] segment (c, split) is a 1/splits share of
@@ -273,9 +431,19 @@ __device__ __forceinline__ void for_each_vector_group_nchw(
     return;
   }
   // NB: (n, l) = divmod(v * VEC, L) stepped without a division per vector.
-  const index_t step = static_cast<index_t>(T) * VEC;
-  const index_t step_n = step / L;
-  const index_t step_l = step - step_n * L;
+  // The step (T * VEC) and its quotient and remainder fit in 32 bits.
+  const int32_t step = T * VEC;
+  int32_t step_n, step_l;
+  if constexpr (sizeof(index_t) == 8) {
+    // NB: a 32-bit division instead of a 64-bit one's subroutine call (ptxas
+    // spilled loop state around one); L only divides a step it fits in.
+    const int32_t l32 = step >= L ? static_cast<int32_t>(L) : 0;
+    step_n = l32 > 0 ? step / l32 : 0;
+    step_l = step - step_n * l32;
+  } else {
+    step_n = step / L;
+    step_l = step - step_n * L;
+  }
   index_t n = v * VEC / L;
   index_t l = v * VEC - n * L;
   const auto next = [&]() {
@@ -288,20 +456,32 @@ __device__ __forceinline__ void for_each_vector_group_nchw(
   };
   int m = 0;
   if constexpr (G > 1) {
-    for (; v1 - v > static_cast<index_t>(G - 1) * T; v += static_cast<index_t>(G) * T, m += G) {
-      index_t i[G];
+    index_loop<index_t>(
+        [&] { return v1 - v > static_cast<index_t>(G - 1) * T; },
+        [&] {
+          v += static_cast<index_t>(G) * T;
+          m += G;
+        },
+        [&] {
+          index_t i[G];
 #pragma unroll
-      for (int g = 0; g < G; ++g) {
-        i[g] = (n * C + c) * L + l;
+          for (int g = 0; g < G; ++g) {
+            i[g] = (n * C + c) * L + l;
+            next();
+          }
+          f_group(m, i);
+        });
+  }
+  index_loop<index_t>(
+      [&] { return v < v1; },
+      [&] {
+        v += T;
+        ++m;
+      },
+      [&] {
+        f(m, (n * C + c) * L + l);
         next();
-      }
-      f_group(m, i);
-    }
-  }
-  for (; v < v1; v += T, ++m) {
-    f(m, (n * C + c) * L + l);
-    next();
-  }
+      });
 }
 
 // for_each_vector_group_nchw one vector at a time.
@@ -323,9 +503,14 @@ __device__ __forceinline__ void for_each_vector_cl(
   const index_t r0 = split * per_split;
   const index_t r1 = r0 + per_split < M ? r0 + per_split : M;
   int m = 0;
-  for (index_t row = r0 + ty; row < r1; row += TY, ++m) {
-    f(m, row * C + c0);
-  }
+  index_t row = r0 + ty;
+  index_loop<index_t>(
+      [&] { return row < r1; },
+      [&] {
+        row += TY;
+        ++m;
+      },
+      [&] { f(m, row * C + c0); });
 }
 
 // Reduces [N, C, L] segment (c, split) over a 1-D block into
@@ -577,8 +762,8 @@ __global__ void __launch_bounds__(kBlockSize) channel_elementwise_kernel(
     index_t vectors,
     index_t C,
     index_t L) {
-  for (index_t v = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < vectors;
-       v += static_cast<index_t>(gridDim.x) * blockDim.x) {
+  index_t v = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  index_loop<index_t>([&] { return v < vectors; }, [&] { v += static_cast<index_t>(gridDim.x) * blockDim.x; }, [&] {
     const index_t i = v * VEC;
     index_t ch[VEC];
     if constexpr (kChannelsLast) {
@@ -595,7 +780,7 @@ __global__ void __launch_bounds__(kBlockSize) channel_elementwise_kernel(
       }
     }
     op.template apply<VEC>(i, ch);
-  }
+  });
 }
 
 // Launches op over every element of a dense tensor of shape s. `aligned`:
@@ -655,13 +840,55 @@ struct NormalizeCoeffLoader {
   }
 };
 
-// y = (x - mean) * scale + bias.
-template <typename scalar_t, typename Loader>
+// Output epilogues of the normalize passes: map the VEC normalized values
+// (acc_t) of the vector at flat index i in place before the store. aligned()
+// (host): the epilogue's pointers are 16-byte aligned.
+// The plain ops: the normalized values as they are.
+struct NormalizedOnly {
+  bool aligned() const {
+    return true;
+  }
+  template <int VEC, typename index_t, typename acc_t>
+  __device__ void operator()(index_t, acc_t (&)[VEC]) const {}
+};
+
+// The fused ops: v <- act(v + residual) in acc_t, residual dense in the
+// input's layout or null, as the CPU kernels' ResidualActivation (the
+// normalized value rounded to acc_t, then the add and the activation).
+template <typename scalar_t, Activation A>
+struct ResidualActivation {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* residual; // may be null
+  acc_t negative_slope;
+
+  bool aligned() const {
+    return is_aligned16(residual);
+  }
+  template <int VEC, typename index_t>
+  __device__ void operator()(index_t i, acc_t (&v)[VEC]) const {
+    if (residual != nullptr) {
+      acc_t r[VEC];
+      load_acc<VEC>(residual, i, r);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        v[k] += r[k];
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      v[k] = activation_apply<A>(v[k], negative_slope);
+    }
+  }
+};
+
+// y = act((x - mean) * scale + bias), act an output epilogue.
+template <typename scalar_t, typename Loader, typename Act = NormalizedOnly>
 struct NormalizeOp {
   using acc_t = acc_type<scalar_t>;
   const scalar_t* x;
   scalar_t* y;
   Loader coeffs;
+  Act act;
 
   template <int VEC, typename index_t>
   __device__ void apply(index_t i, const index_t (&ch)[VEC]) const {
@@ -675,6 +902,7 @@ struct NormalizeOp {
       }
       out[j] = normalize_apply(k, in[j]);
     }
+    act(i, out);
     store_from_acc<VEC>(y, i, out);
   }
 };
@@ -807,56 +1035,95 @@ struct BackwardCoeffLoader {
   }
 };
 
-// dx = dy * dy_scale + (x - mean) * xmu_scale + shift (train), dy * dy_scale (eval).
-template <typename scalar_t, typename Loader, bool kTrain>
+// dx = dz * dy_scale + (x - mean) * xmu_scale + shift (train), dz * dy_scale
+// (eval), dz from dy through the Prologue (the plain ops: dz = dy), which
+// also stores dz where it wants it.
+template <typename scalar_t, typename Loader, bool kTrain, typename Prologue = PlainGrad<scalar_t>>
 struct BackwardOp {
   using acc_t = acc_type<scalar_t>;
   const scalar_t* dy;
   const scalar_t* x;
   scalar_t* dx;
   Loader coeffs;
+  Prologue pro;
 
   template <int VEC, typename index_t>
   __device__ void apply(index_t i, const index_t (&ch)[VEC]) const {
-    acc_t g[VEC], in[VEC];
-    load_acc<VEC>(dy, i, g);
-    if constexpr (kTrain) {
-      load_acc<VEC>(x, i, in);
+    // NB: the first channel's coefficients before the loads: fewer values live
+    // across the division's slow-path call (which spilled with int64 indices).
+    const BackwardCoeffs<acc_t> k0 = coeffs(ch[0]);
+    const typename Prologue::Channel act0 = pro.channel(ch[0]);
+    GradValue<acc_t> v[VEC]; // NB: x and aux set only where read
+    acc_t in[VEC];
+    load_acc<VEC>(dy, i, in);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      v[j].dy = in[j];
     }
-    apply_values<VEC>(i, ch, g, in);
+    if constexpr (kTrain || Prologue::kReadsX) {
+      load_acc<VEC>(x, i, in);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        v[j].x = in[j];
+      }
+    }
+    if constexpr (Prologue::kAux) {
+      Vec<scalar_t, VEC> aux;
+      pro.template load_aux<VEC>(i, aux);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        v[j].aux = static_cast<acc_t>(aux.v[j]);
+      }
+    }
+    apply_values<VEC>(i, ch, v, k0, act0);
   }
-  // dx at i from dy (g) and, for kTrain, x (in) already loaded.
+  // dx (and the prologue's dz) at i from dy, x (when kTrain or the prologue
+  // reads it) and the prologue's aux already loaded.
   template <int VEC, typename index_t>
-  __device__ void apply_values(index_t i, const index_t (&ch)[VEC], const acc_t (&g)[VEC], const acc_t (&in)[VEC]) const {
-    acc_t out[VEC];
-    BackwardCoeffs<acc_t> k = coeffs(ch[0]);
+  __device__ void apply_values(index_t i, const index_t (&ch)[VEC], const GradValue<acc_t> (&v)[VEC]) const {
+    apply_values<VEC>(i, ch, v, coeffs(ch[0]), pro.channel(ch[0]));
+  }
+  // apply_values with the first channel's coefficients k0 and act0 given.
+  template <int VEC, typename index_t>
+  __device__ void apply_values(
+      index_t i,
+      const index_t (&ch)[VEC],
+      const GradValue<acc_t> (&v)[VEC],
+      const BackwardCoeffs<acc_t>& k0,
+      const typename Prologue::Channel& act0) const {
+    acc_t dz[VEC], out[VEC];
+    BackwardCoeffs<acc_t> k = k0;
+    typename Prologue::Channel act = act0;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       if (j > 0 && ch[j] != ch[j - 1]) {
         k = coeffs(ch[j]);
+        act = pro.channel(ch[j]);
       }
-      out[j] = kTrain ? backward_apply(k, g[j], in[j]) : g[j] * k.dy_scale;
+      dz[j] = pro.dz(k.mean, act, v[j]);
+      out[j] = kTrain ? backward_apply(k, dz[j], v[j].x) : dz[j] * k.dy_scale;
     }
     store_from_acc<VEC>(dx, i, out);
+    pro.template store_dz<VEC>(i, dz);
   }
 };
 
-// Visit for the eval-mode gradient sums: writes dx = dy * dy_scale from the dy
-// the reduction has just loaded (mean and invstd are constants in eval mode),
-// so the eval backward reads dy and x once and writes dx, 3s instead of 5s.
-template <typename scalar_t, typename param_t>
+// Visit for the eval-mode gradient sums: writes dx = dz * dy_scale (and the
+// prologue's dz) from the dy, x and aux the reduction has just loaded (mean
+// and invstd are constants in eval mode), so the eval backward reads dy and x
+// once and writes dx, 3s instead of 5s.
+template <typename scalar_t, typename param_t, typename Prologue = PlainGrad<scalar_t>>
 struct EvalGradInputVisit {
   using acc_t = acc_type<scalar_t>;
-  BackwardOp<scalar_t, BackwardCoeffLoader<acc_t, param_t, false>, false> op;
+  using Reducer = GradReducer<scalar_t, Prologue>;
+  BackwardOp<scalar_t, BackwardCoeffLoader<acc_t, param_t, false>, false, Prologue> op;
 
   template <typename index_t, int VEC>
-  __device__ void operator()(int, index_t i, const index_t (&ch)[VEC], const Vec<scalar_t, VEC> (&raw)[2]) const {
-    acc_t g[VEC];
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      g[k] = static_cast<acc_t>(raw[0].v[k]); // raw[0] is dy (GradReducer)
-    }
-    op.template apply_values<VEC>(i, ch, g, g);
+  __device__ void operator()(
+      int, index_t i, const index_t (&ch)[VEC], const Vec<scalar_t, VEC> (&raw)[Reducer::kInputs]) const {
+    GradValue<acc_t> v[VEC];
+    Reducer::template unpack<VEC>(raw, v);
+    op.template apply_values<VEC>(i, ch, v);
   }
 };
 

@@ -21,10 +21,15 @@ namespace cuda {
 // Blocks of kBlockSize threads per SM a single-read kernel is sized for: the
 // SM's shared memory is split between them and registers capped accordingly
 // (4: 64 per thread). Channels-last with 8-element vectors keeps 8 channels'
-// statistics per thread, which spills at 64 registers on sm_80: 3 (85).
-template <int VEC, bool kChannelsLast>
+// statistics per thread, which spills at 64 registers on sm_80: 3 (85); with
+// a per-channel context besides (Reducer::kChannelContext: the fused silu
+// backward's scale and bias) it spills at 80 on sm_90: 2 (128).
+template <typename Reducer, int VEC, bool kChannelsLast>
 constexpr int single_read_blocks_per_sm() {
-  return kChannelsLast && VEC == 8 ? 3 : 4;
+  if constexpr (kChannelsLast && VEC == 8) {
+    return Reducer::kChannelContext ? 2 : 3;
+  }
+  return 4;
 }
 
 // What one single-read kernel can use on the current device: co-resident
@@ -61,8 +66,8 @@ __device__ __forceinline__ typename Reducer::Partial merge_channel_partials(
 
 // Epilogue of the single-read forward: the channel's statistics (stored, and
 // folded into the running stats, by the block holding split 0), then
-// y = normalize(x).
-template <typename scalar_t, typename param_t>
+// y = act(normalize(x)), act an output epilogue (NormalizedOnly for the plain op).
+template <typename scalar_t, typename param_t, typename Act = NormalizedOnly>
 struct NormalizeEpilogue {
   using acc_t = acc_type<scalar_t>;
   using Value = acc_t;
@@ -73,6 +78,7 @@ struct NormalizeEpilogue {
   const param_t* weight; // may be null
   const param_t* bias; // may be null
   StatsOutputs<acc_t, param_t> stats;
+  Act act;
 
   // Before the grid sync (num_batches_tracked is incremented after it).
   __device__ BlockState begin() const {
@@ -98,18 +104,27 @@ struct NormalizeEpilogue {
     for (int k = 0; k < VEC; ++k) {
       out[k] = normalize_apply(coeff_of(k), v[k]);
     }
+    act(i, out);
     store_from_acc<VEC>(y, i, out);
   }
 };
 
+// A channel's backward coefficients and its gradient prologue's context
+// (NB: an empty Channel adds no bytes, so the plain op's shared memory is as
+// with BackwardCoeffs alone).
+template <typename acc_t, typename Channel>
+struct ActBackwardCoeffs : BackwardCoeffs<acc_t>, Channel {};
+static_assert(sizeof(ActBackwardCoeffs<float, NoChannel>) == sizeof(BackwardCoeffs<float>));
+
 // Epilogue of the single-read training backward: grad_weight / grad_bias (by
-// the block holding split 0), then dx from dy and x.
-template <typename scalar_t, typename param_t>
+// the block holding split 0), then dx from dz and x, dz from dy through the
+// Prologue (the reducer's), which also stores dz where it wants it.
+template <typename scalar_t, typename param_t, typename Prologue = PlainGrad<scalar_t>>
 struct GradInputEpilogue {
   using acc_t = acc_type<scalar_t>;
-  using Value = typename GradReducer<scalar_t>::Value;
+  using Value = GradValue<acc_t>;
   using Partial = GradSums<acc_t>;
-  using Coeffs = BackwardCoeffs<acc_t>;
+  using Coeffs = ActBackwardCoeffs<acc_t, typename Prologue::Channel>;
   using BlockState = int;
   scalar_t* dx;
   const acc_t* mean;
@@ -117,6 +132,7 @@ struct GradInputEpilogue {
   const param_t* weight; // may be null
   acc_t count;
   GradOutputs<acc_t, acc_t> grads;
+  Prologue pro;
 
   __device__ BlockState begin() const {
     return 0;
@@ -126,17 +142,21 @@ struct GradInputEpilogue {
     if (owner) {
       grads.store(c, g);
     }
-    return backward_train_coeffs(
-        mean[c], invstd[c], weight ? static_cast<acc_t>(weight[c]) : acc_t(1), g.sum_dy, g.sum_dy_xmu, count);
+    return {backward_train_coeffs(
+                mean[c], invstd[c], weight ? static_cast<acc_t>(weight[c]) : acc_t(1), g.sum_dy, g.sum_dy_xmu, count),
+            pro.channel(c)};
   }
   template <int VEC, typename index_t, typename CoeffOf>
   __device__ void apply(index_t i, const CoeffOf& coeff_of, const Value (&v)[VEC]) const {
-    acc_t out[VEC];
+    acc_t dz[VEC], out[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      out[k] = backward_apply(coeff_of(k), v[k].dy, v[k].x);
+      const Coeffs ck = coeff_of(k);
+      dz[k] = pro.dz(ck.mean, ck, v[k]);
+      out[k] = backward_apply<acc_t>(ck, dz[k], v[k].x);
     }
     store_from_acc<VEC>(dx, i, out);
+    pro.template store_dz<VEC>(i, dz);
   }
 };
 
@@ -146,7 +166,7 @@ struct GradInputEpilogue {
 // ((j * slots + m) * kInputs + p) * T + tid. Launched cooperatively with every
 // block resident.
 template <typename Reducer, typename Epilogue, int VEC, bool kChannelsLast>
-__global__ void __launch_bounds__(kBlockSize, (single_read_blocks_per_sm<VEC, kChannelsLast>())) single_read_channel_kernel(
+__global__ void __launch_bounds__(kBlockSize, (single_read_blocks_per_sm<Reducer, VEC, kChannelsLast>())) single_read_channel_kernel(
     Reducer r,
     Epilogue e,
     int32_t N,
@@ -248,7 +268,7 @@ bool launch_single_read_layout(
   using acc_t = typename Reducer::acc_t;
   const auto kernel = single_read_channel_kernel<Reducer, Epilogue, VEC, kChannelsLast>;
   const SingleReadLimits limits =
-      single_read_limits(reinterpret_cast<const void*>(kernel), single_read_blocks_per_sm<VEC, kChannelsLast>());
+      single_read_limits(reinterpret_cast<const void*>(kernel), single_read_blocks_per_sm<Reducer, VEC, kChannelsLast>());
   if (limits.blocks_per_sm == 0) {
     return false;
   }
