@@ -105,7 +105,10 @@ def check(runners, x, target, mode):
     for n in runners:
         assert torch.isfinite(losses[n]) and outs[n].isfinite().all(), f"{n} {mode}: non-finite result"
         torch.testing.assert_close(losses[n], losses["torch"], rtol=1e-4, atol=1e-4, msg=f"{n} {mode}: training loss")
-        torch.testing.assert_close(outs[n], outs["torch"], rtol=2e-3, atol=2e-3, msg=f"{n} {mode}: eval output")
+        # NB: after one step the running statistics are far from the batch's, so a deep net's eval
+        # output is large and float32 rounding grows with depth: compare relative to its scale
+        scale = outs["torch"].abs().max().item()
+        torch.testing.assert_close(outs[n], outs["torch"], rtol=1e-3, atol=1e-3 * scale, msg=f"{n} {mode}: eval output")
         runners[n].model.load_state_dict(ref_state[n])
 
 
