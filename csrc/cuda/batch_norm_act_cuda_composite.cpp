@@ -118,14 +118,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cuda(
       op, ": activation '", std::string(activation), "' reads its derivative from output, which is None");
   check_like_input(op, "output", input, output);
   check_like_input(op, "residual", input, residual);
+  // NB: every operand in the input's dense layout, so dz (and the residual's
+  // gradient) come out in it whatever strides grad_out has, as the CPU kernel's
+  // and the fake kernel's outputs do.
+  const auto format = output_memory_format(input);
+  const Tensor dy = grad_out.contiguous(format);
+  const Tensor y = given(output) ? output->contiguous(format) : Tensor();
   Tensor dz;
   switch (act) {
     case Activation::kRelu:
       // NB: a NaN output passes the gradient, as torch's relu backward.
-      dz = at::where(output->le(0), c10::Scalar(0.0), grad_out);
+      dz = at::where(y.le(0), c10::Scalar(0.0), dy);
       break;
     case Activation::kLeakyRelu:
-      dz = at::where(output->gt(0), grad_out, grad_out * negative_slope);
+      dz = at::where(y.gt(0), dy, dy * negative_slope);
       break;
     case Activation::kSilu: {
       const auto acc = acc_scalar_type(input.scalar_type());
@@ -135,18 +141,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cuda(
       if (given(residual)) {
         z.add_(*residual);
       }
-      dz = at::silu_backward(grad_out, z);
+      dz = at::silu_backward(dy, z);
       break;
     }
     case Activation::kIdentity:
-      dz = grad_out;
+      dz = dy;
       break;
   }
   auto [grad_input, grad_weight, grad_bias] =
       backward_op.call(dz, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
   Tensor grad_residual = at::empty({0}, input.options());
   if (need_grad_residual) {
-    grad_residual = dz.is_same(grad_out) ? dz.clone() : dz;
+    grad_residual = dz.is_same(grad_out) ? dz.clone(format) : dz;
   }
   return {grad_input, grad_weight, grad_bias, grad_residual};
 }
