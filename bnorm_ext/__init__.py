@@ -38,6 +38,7 @@ __all__ = [
     "batch_norm_act",
     "build_info",
     "convert_batchnorm",
+    "enable_inductor_fusion",
     "fuse_activations",
     "fuse_conv_bn",
     "revert_batchnorm",
@@ -49,3 +50,15 @@ def build_info() -> dict:
     info = {"bnorm_ext": __version__, "torch": torch.__version__, "torch_cuda": torch.version.cuda}
     info.update(_C.build_info())
     return info
+
+
+def enable_inductor_fusion(enabled: bool = True) -> None:
+    """Makes torch.compile's Inductor fuse bnorm_ext BatchNorm -> relu /
+    leaky_relu / silu and BatchNorm -> add -> activation into the fused
+    BatchNorm + activation ops (forward and backward), by adding a pre-grad
+    pass to torch._inductor.config.pre_grad_custom_pass after the passes
+    already there; enabled=False removes it. Graphs without bnorm_ext ops are
+    left unchanged."""
+    from . import _inductor_fusion  # NB: imports torch._inductor, so only when asked
+
+    _inductor_fusion.enable_inductor_fusion(enabled)

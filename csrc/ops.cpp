@@ -89,36 +89,49 @@ PyObject* PyInit__C(void) {
 // statistics are [P, C] with counts [P]. Statistics come back in the acc dtype
 // (float64 for float64 input, float32 otherwise).
 TORCH_LIBRARY(bnorm_ext, m) {
+  // NB: flexible_layout: every kernel takes tensors of any strides (a
+  // non-dense one is made dense inside) and allocates each input-shaped output
+  // in the input's suggested memory format, as the fake kernels declare; so
+  // Inductor hands the ops its buffers as they are (e.g. channels-last
+  // convolution outputs) instead of copying them to the traced strides (its
+  // default for custom ops, needs_exact_strides).
+  const std::vector<at::Tag> any_strides = {at::Tag::flexible_layout};
   // Per-channel mean and biased variance of the input.
-  m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)",
+      any_strides);
   // Merges per-process (mean, var, count) in a fixed order; updates running
   // stats (unbiased var); returns the global mean and invstd.
   m.def(
       "batch_norm_gather_stats(Tensor mean, Tensor var, Tensor counts, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "Tensor(c!)? num_batches_tracked, float? momentum, float eps) "
-      "-> (Tensor mean, Tensor invstd)");
+      "-> (Tensor mean, Tensor invstd)",
+      any_strides);
   // y = (x - mean) * invstd * weight + bias.
   m.def(
       "batch_norm_elemt(Tensor input, Tensor? weight, Tensor? bias, "
-      "Tensor mean, Tensor invstd) -> Tensor");
+      "Tensor mean, Tensor invstd) -> Tensor",
+      any_strides);
   // Training forward: batch statistics, running-stat update, normalization.
   m.def(
       "batch_norm_forward_train(Tensor input, Tensor? weight, Tensor? bias, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "Tensor(c!)? num_batches_tracked, float? momentum, float eps) "
-      "-> (Tensor output, Tensor save_mean, Tensor save_invstd)");
+      "-> (Tensor output, Tensor save_mean, Tensor save_invstd)",
+      any_strides);
   // Eval forward: one scale-shift from the running statistics.
   m.def(
       "batch_norm_forward_eval(Tensor input, Tensor? weight, Tensor? bias, "
-      "Tensor running_mean, Tensor running_var, float eps) -> Tensor");
+      "Tensor running_mean, Tensor running_var, float eps) -> Tensor",
+      any_strides);
   // Gradients of input, weight and bias (training: saved batch stats; eval:
   // running stats and eps).
   m.def(
       "batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, "
       "Tensor? running_mean, Tensor? running_var, Tensor? save_mean, "
       "Tensor? save_invstd, bool training, float eps) "
-      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)",
+      any_strides);
   // Forward-mode derivative of the forward ops (tangents of output, mean and
   // invstd; undefined tangents are zero); mean/invstd: batch statistics when
   // training, else running_mean and 1/sqrt(running_var + eps). A composite of
@@ -126,17 +139,20 @@ TORCH_LIBRARY(bnorm_ext, m) {
   m.def(
       "batch_norm_forward_jvp(Tensor input, Tensor? input_t, Tensor? weight, "
       "Tensor? weight_t, Tensor? bias_t, Tensor mean, Tensor invstd, "
-      "bool training) -> (Tensor output_t, Tensor mean_t, Tensor invstd_t)");
+      "bool training) -> (Tensor output_t, Tensor mean_t, Tensor invstd_t)",
+      any_strides);
   // Per-channel sum(dy) and sum(dy * (x - mean)).
   m.def(
       "batch_norm_backward_reduce(Tensor grad_out, Tensor input, Tensor mean) "
-      "-> (Tensor sum_dy, Tensor sum_dy_xmu)");
+      "-> (Tensor sum_dy, Tensor sum_dy_xmu)",
+      any_strides);
   // Training-mode input gradient from (globally reduced) sums; the count is
   // counts.sum().
   m.def(
       "batch_norm_backward_elemt(Tensor grad_out, Tensor input, Tensor mean, "
       "Tensor invstd, Tensor? weight, Tensor sum_dy, Tensor sum_dy_xmu, "
-      "Tensor counts) -> Tensor");
+      "Tensor counts) -> Tensor",
+      any_strides);
   // Fused y = act(BN(x) + residual): activation is identity, relu,
   // leaky_relu (negative_slope >= 0) or silu; residual is optional, input's
   // shape and dtype. Training forward: as batch_norm_forward_train.
@@ -145,11 +161,13 @@ TORCH_LIBRARY(bnorm_ext, m) {
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "Tensor(c!)? num_batches_tracked, float? momentum, float eps, "
       "Tensor? residual, str activation, float negative_slope) "
-      "-> (Tensor output, Tensor save_mean, Tensor save_invstd)");
+      "-> (Tensor output, Tensor save_mean, Tensor save_invstd)",
+      any_strides);
   m.def(
       "batch_norm_act_forward_eval(Tensor input, Tensor? weight, Tensor? bias, "
       "Tensor running_mean, Tensor running_var, float eps, Tensor? residual, "
-      "str activation, float negative_slope) -> Tensor");
+      "str activation, float negative_slope) -> Tensor",
+      any_strides);
   // Gradients of input, weight, bias and residual (an empty [0] tensor unless
   // need_grad_residual). relu/leaky_relu read their derivative from
   // `output`; silu recomputes the pre-activation from input, the statistics,
@@ -160,5 +178,6 @@ TORCH_LIBRARY(bnorm_ext, m) {
       "Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
       "Tensor? save_mean, Tensor? save_invstd, Tensor? residual, bool training, "
       "float eps, bool need_grad_residual, str activation, float negative_slope) "
-      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)",
+      any_strides);
 }

@@ -48,11 +48,11 @@ def _has_autograd_kernel(op):
                for k in ("Autograd", "AutogradCPU", "AutogradCUDA", "CompositeImplicitAutograd"))
 
 
-def make_args(name, dtype, pdt, memory_format, device, variant):
+def make_args(name, dtype, pdt, memory_format, device, variant, shape=SHAPE):
     """Fresh, realistic arguments for op `name` (new buffers on every call)."""
     acc = acc_dtype_for(dtype)
-    x = randn_shifted(SHAPE, dtype, device, memory_format=memory_format)
-    dy = torch.randn(SHAPE, dtype=torch.float64).to(device, dtype).contiguous(memory_format=memory_format)
+    x = randn_shifted(shape, dtype, device, memory_format=memory_format)
+    dy = torch.randn(shape, dtype=torch.float64).to(device, dtype).contiguous(memory_format=memory_format)
     w = (1 + 0.5 * torch.randn(C, dtype=torch.float64)).to(device, pdt)
     b = torch.randn(C, dtype=torch.float64).to(device, pdt)
     rm = torch.randn(C, dtype=torch.float64).to(device, pdt)
@@ -101,7 +101,7 @@ def make_args(name, dtype, pdt, memory_format, device, variant):
         counts = torch.tensor([float(x.numel() // C)], dtype=acc, device=device)
         return (dy, x, mean, invstd, None if none_params else w, sum_dy, sum_dy_xmu, counts)
     if name == "batch_norm_forward_jvp":
-        x_t = torch.randn(SHAPE, dtype=torch.float64).to(device, dtype).contiguous(memory_format=memory_format)
+        x_t = torch.randn(shape, dtype=torch.float64).to(device, dtype).contiguous(memory_format=memory_format)
         w_t = None if none_params else torch.randn(C, dtype=torch.float64).to(device, pdt)
         b_t = None if none_params else torch.randn(C, dtype=torch.float64).to(device, pdt)
         training = variant != "eval"
@@ -112,7 +112,7 @@ def make_args(name, dtype, pdt, memory_format, device, variant):
             if variant != "default" else "relu"
         slope = 0.1 if activation == "leaky_relu" else 0.0
         r = None if "no_residual" in variant else \
-            torch.randn(SHAPE, dtype=torch.float64).to(device, dtype).contiguous(memory_format=memory_format)
+            torch.randn(shape, dtype=torch.float64).to(device, dtype).contiguous(memory_format=memory_format)
         wa, ba = (None, None) if "no_affine" in variant else (w, b)
         if name == "batch_norm_act_forward_train":
             return (x, wa, ba, rm, rv, nbt, 0.1, EPS, r, activation, slope)
@@ -197,3 +197,92 @@ def test_non_differentiable_ops_raise(name):
         dual = torch.autograd.forward_ad.make_dual(args[index], torch.ones_like(args[index]))
         with pytest.raises(RuntimeError, match="forward AD"):
             op(*args[:index], dual, *args[index + 1:])
+
+
+# Strides Inductor may hand the ops (they are tagged flexible_layout): each
+# input-shaped argument gets its own layout. "input" is the op's `input`;
+# "other" every other input-shaped tensor (grad_out, residual, output, input_t).
+def _hw_swapped(t):
+    return t.transpose(2, 3).contiguous().transpose(2, 3)  # dense, H and W strides swapped
+
+
+def _sliced(t):
+    wide = torch.zeros(*t.shape[:3], 2 * t.shape[3], dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    return wide[..., ::2]  # not dense
+
+
+def _expanded(t):
+    return t[:1].expand_as(t)  # stride 0 over N, as the gradient of a broadcast
+
+
+LAYOUTS = {
+    "contiguous": lambda t: t.contiguous(),
+    "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+    "hw_swapped": _hw_swapped,
+    "sliced": _sliced,
+    "expanded": _expanded,
+}
+STRIDE_CASES = [  # (id, shape, layout of input, layout of the others)
+    ("cl_input-contiguous_others", SHAPE, "channels_last", "contiguous"),
+    ("contiguous_input-cl_others", SHAPE, "contiguous", "channels_last"),
+    ("cl_input-sliced_others", SHAPE, "channels_last", "sliced"),
+    ("sliced_input-cl_others", SHAPE, "sliced", "channels_last"),
+    ("hw_swapped_input-expanded_others", SHAPE, "hw_swapped", "expanded"),
+    ("cl_input-expanded_others", SHAPE, "channels_last", "expanded"),
+    ("1x1_cl_input-contiguous_others", (4, C, 1, 1), "channels_last", "contiguous"),
+    ("n1_w1_cl_input-hw_swapped_others", (1, C, 3, 1), "channels_last", "hw_swapped"),
+    ("n1_cl_input-cl_others", (1, C, 2, 3), "channels_last", "channels_last"),
+]
+STRIDE_VARIANTS = {
+    "batch_norm_act_forward_train": ["default", "silu"],
+    "batch_norm_act_forward_eval": ["default", "silu_no_affine"],
+    "batch_norm_act_backward": ["default", "silu", "identity_no_affine", "leaky_relu_eval"],
+    "batch_norm_backward": ["default", "eval"],
+}
+
+
+def _restride(op, args, shape, input_layout, other_layout):
+    names = [a.name for a in op._schema.arguments]
+    return tuple(
+        LAYOUTS[input_layout if name == "input" else other_layout](a)
+        if isinstance(a, torch.Tensor) and a.shape == shape else a
+        for name, a in zip(names, args)
+    )
+
+
+def _tensors(out):
+    return [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize("case_id,shape,input_layout,other_layout", STRIDE_CASES, ids=[c[0] for c in STRIDE_CASES])
+@pytest.mark.parametrize("name,variant", [
+    pytest.param(n, v, id=f"{n}-{v}") for n in OP_NAMES if n != "batch_norm_gather_stats"
+    for v in STRIDE_VARIANTS.get(n, ["default"])
+])
+def test_fake_strides_equal_real_strides_for_any_input_strides(name, variant, case_id, shape, input_layout,
+                                                                other_layout):
+    # Inductor trusts the fake kernels' output strides (the ops are
+    # flexible_layout), so they must be the real kernels' for any strides;
+    # and the values must not depend on the strides the kernels read.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    op = _op(name)
+
+    def fresh_args():  # the same values each time (the ops update running statistics)
+        torch.manual_seed(7)
+        args = make_args(name, torch.float64, torch.float64, torch.contiguous_format, "cpu", variant, shape=shape)
+        return _restride(op, args, shape, input_layout, other_layout)
+
+    expected = _tensors(op(*(a.contiguous() if isinstance(a, torch.Tensor) else a for a in fresh_args())))
+    args = fresh_args()
+    mode = FakeTensorMode()
+    fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+    with mode:
+        fake = _tensors(op(*fake_args))
+    real = _tensors(op(*args))
+    assert len(fake) == len(real) == len(expected)
+    for i, (f, r, e) in enumerate(zip(fake, real, expected)):
+        assert (f.shape, f.dtype) == (r.shape, r.dtype), f"output {i}"
+        assert f.stride() == r.stride(), f"output {i}: fake strides {f.stride()}, real {r.stride()}"
+        torch.testing.assert_close(r, e, msg=lambda m: f"output {i}: {m}")

@@ -147,8 +147,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cpu(
   const Tensor y = reads_output ? dense_like_input(output, input) : Tensor();
   // NB: only silu's pre-activation includes the residual; the others never read it.
   const Tensor res = act == Activation::kSilu ? dense_like_input(residual, input) : Tensor();
-  Tensor grad_in = at::empty_like(x, output_memory_format(x));
-  Tensor grad_res = need_grad_residual ? at::empty_like(x, output_memory_format(x)) : at::empty({0}, input.options());
+  Tensor grad_in = at::empty_like(input, output_memory_format(input));
+  Tensor grad_res = need_grad_residual ? at::empty_like(input, output_memory_format(input)) : at::empty({0}, input.options());
   const int64_t tensors_read = 2 + (y.defined() ? 1 : 0) + (res.defined() ? 1 : 0);
   const bool channel_fused = training && use_channel_fused_path(s, tensors_read, input.element_size());
   std::vector<Sums> sums;

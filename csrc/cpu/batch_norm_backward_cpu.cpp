@@ -138,7 +138,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   Tensor grad_in;
   std::vector<Sums> sums;
   if (training && use_channel_fused_path(s, 2, input.element_size())) {
-    grad_in = at::empty_like(x, output_memory_format(x));
+    grad_in = at::empty_like(input, output_memory_format(input));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_backward_cpu", [&] {
       sums = BNORM_EXT_CPU_DISPATCH(train_backward_channel_fused<scalar_t>(GradOutOnly<scalar_t>{dy.const_data_ptr<scalar_t>()}, x, grad_in, nullptr, s, mean, invstd, w));
     });
