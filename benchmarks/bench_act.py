@@ -8,7 +8,7 @@ Usage (from the repository root, with the package built):
     python benchmarks/bench_act.py --quick         # smoke run
     python benchmarks/bench_act.py --device cuda   # GPU: CUDA events, L2 flushed
 
-Patterns   BN+ReLU (relu(BN(x))) and BN+add+ReLU (relu(BN(x) + residual))
+Patterns   BN+ReLU (relu(BN(x))) and BN+add+ReLU (relu(BN(x) + residual)); --patterns silu: BN+SiLU
 Passes     fwd      training forward (batch statistics, running-stat update, autograd graph recorded)
            fwd+bwd  training forward, then torch.autograd.grad of input, weight, bias (and residual)
            eval     eval forward under torch.no_grad()
@@ -48,7 +48,9 @@ from bench import BusyMeter, CudaTimer, copy_bandwidth, parse_shape, time_cpu  #
 import bnorm_ext  # noqa: E402
 
 PASSES = ("fwd", "fwd+bwd", "eval")
-PATTERNS = {"relu": "BN+ReLU", "add_relu": "BN+add+ReLU"}
+# pattern -> (label, residual, activation)
+PATTERNS = {"relu": ("BN+ReLU", False, "relu"), "add_relu": ("BN+add+ReLU", True, "relu"),
+            "silu": ("BN+SiLU", False, "silu")}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 DEFAULT_SHAPES = "16x64x56x56,16x256x14x14"
 QUICK_SHAPES = "4x32x16x16"
@@ -62,29 +64,30 @@ def floor_bytes(pass_: str, residual: bool, numel: int, elsize: int) -> int:
 
 
 class TorchComposed(nn.Module):
-    """torch's BN -> (+ residual) -> ReLU, the unfused model a user has."""
+    """torch's BN -> (+ residual) -> ReLU or SiLU, the unfused model a user has."""
 
-    def __init__(self, C, **kw):
+    def __init__(self, C, activation="relu", **kw):
         super().__init__()
         self.bn = nn.BatchNorm2d(C, **kw)
+        self.act = F.silu if activation == "silu" else F.relu
 
     def forward(self, x, residual=None):
         y = self.bn(x)
-        return F.relu(y + residual) if residual is not None else F.relu(y)
+        return self.act(y + residual) if residual is not None else self.act(y)
 
 
 class PlainComposed(TorchComposed):
     """bnorm_ext.BatchNorm2d -> torch add/ReLU: the gradient reference for the fused op."""
 
-    def __init__(self, C, **kw):
-        super().__init__(C, **kw)
+    def __init__(self, C, activation="relu", **kw):
+        super().__init__(C, activation, **kw)
         self.bn = bnorm_ext.BatchNorm2d(C, **kw)
 
 
 class Fused(nn.Module):
-    def __init__(self, C, **kw):
+    def __init__(self, C, activation="relu", **kw):
         super().__init__()
-        self.bn = bnorm_ext.BatchNormAct2d(C, activation="relu", **kw)
+        self.bn = bnorm_ext.BatchNormAct2d(C, activation=activation, **kw)
 
     def forward(self, x, residual=None):
         return self.bn(x, residual)
@@ -93,17 +96,18 @@ class Fused(nn.Module):
 class Case:
     """One (shape, layout, pattern): modules with equal parameters and rotating inputs."""
 
-    def __init__(self, shape, layout, residual, device, copies, with_compile, gen):
+    def __init__(self, shape, layout, pattern, device, copies, with_compile, gen):
+        _, residual, activation = PATTERNS[pattern]
         C = shape[1]
         fmt = LAYOUTS[layout]
         kw = dict(device=device)
-        self.torch = TorchComposed(C, **kw)
+        self.torch = TorchComposed(C, activation, **kw)
         with torch.no_grad():
             self.torch.bn.weight.copy_(torch.rand(C, generator=gen) + 0.5)
             self.torch.bn.bias.copy_(torch.randn(C, generator=gen))
             self.torch.bn.running_var.copy_(torch.rand(C, generator=gen) + 0.5)
-        self.fused = Fused(C, **kw)
-        self.plain = PlainComposed(C, **kw)
+        self.fused = Fused(C, activation, **kw)
+        self.plain = PlainComposed(C, activation, **kw)
         for m in (self.fused, self.plain):
             m.load_state_dict(self.torch.state_dict())
         self.modules = {"fused": self.fused, "torch": self.torch, "plain": self.plain}
@@ -111,7 +115,7 @@ class Case:
         if with_compile:
             # separate modules per mode, so that train and eval are separate compiled graphs
             for mode in ("train", "eval"):
-                m = TorchComposed(C, **kw)
+                m = TorchComposed(C, activation, **kw)
                 m.load_state_dict(self.torch.state_dict())
                 self.modules["compile_" + mode] = m
                 self.compiled["compile_" + mode] = torch.compile(m, dynamic=False)
@@ -222,8 +226,8 @@ def main(argv=None):
         numel = shape[0] * shape[1] * shape[2] * shape[3]
         for layout in layouts:
             for pattern in patterns:
-                residual = pattern == "add_relu"
-                case = Case(shape, layout, residual, device, max(1, args.copies), with_compile, gen)
+                label, residual, _ = PATTERNS[pattern]
+                case = Case(shape, layout, pattern, device, max(1, args.copies), with_compile, gen)
                 case.check()
                 for pass_ in passes:
                     fns = {c: case.callable(c, pass_) for c in cols}
@@ -238,7 +242,7 @@ def main(argv=None):
                     nbytes = floor_bytes(pass_, residual, numel, 4)
                     gbps = nbytes / (ms["fused"] * 1e-3) / 1e9
                     row = dict(device=device, shape="x".join(map(str, shape)), layout=layout,
-                               pattern=PATTERNS[pattern], pass_=pass_, floor_bytes=nbytes,
+                               pattern=label, pass_=pass_, floor_bytes=nbytes,
                                fused_ms=ms["fused"], torch_ms=ms["torch"], compile_ms=ms.get("compile", float("nan")),
                                ratio_torch=ms["fused"] / ms["torch"],
                                ratio_compile=ms["fused"] / ms["compile"] if with_compile else float("nan"),

@@ -11,7 +11,9 @@ Usage (from the repository root, with the package built and torchvision installe
 Variants   torch      torchvision model as is (torch.nn.BatchNorm2d)
            converted  bnorm_ext.convert_batchnorm(model)
            fused      bnorm_ext.fuse_activations(bnorm_ext.convert_batchnorm(model))
-Modes      eager, and compile = torch.compile(model) (default mode, dynamic=False)
+Modes      eager, and compile = torch.compile(model) (default mode, dynamic=False), with
+           bnorm_ext.enable_inductor_fusion() switched on (it leaves torch's BatchNorm alone, so
+           under compile "converted" is fused by Inductor's pass and "fused" by fuse_activations)
 Workloads  train  one SGD step: zero_grad, forward, cross-entropy, backward, optimizer.step()
            infer  eval-mode forward under torch.no_grad()
 
@@ -106,9 +108,12 @@ def check(runners, x, target, mode):
         assert torch.isfinite(losses[n]) and outs[n].isfinite().all(), f"{n} {mode}: non-finite result"
         torch.testing.assert_close(losses[n], losses["torch"], rtol=1e-4, atol=1e-4, msg=f"{n} {mode}: training loss")
         # NB: after one step the running statistics are far from the batch's, so a deep net's eval
-        # output is large and float32 rounding grows with depth: compare relative to its scale
+        # output is large and float32 rounding grows with depth: compare relative to its scale.
+        # Compiled, torch's own model drifts further from its eager output (ResNet-50: 5.6e-3 of
+        # the scale, ours compiled 6.4e-4), so the compiled check is looser.
         scale = outs["torch"].abs().max().item()
-        torch.testing.assert_close(outs[n], outs["torch"], rtol=1e-3, atol=1e-3 * scale, msg=f"{n} {mode}: eval output")
+        tol = 1e-2 if mode == "compile" else 1e-3
+        torch.testing.assert_close(outs[n], outs["torch"], rtol=tol, atol=tol * scale, msg=f"{n} {mode}: eval output")
         runners[n].model.load_state_dict(ref_state[n])
 
 
@@ -138,6 +143,8 @@ def main(argv=None):
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if "compile" in modes:
+        bnorm_ext.enable_inductor_fusion()
     cfg = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(cfg, name):
