@@ -7,15 +7,16 @@ The fused op exports as BatchNormalization, then Add (with a residual) and the
 activation as torch's own ops export (Relu, LeakyRelu, Sigmoid+Mul for silu):
 
 - torch.onnx.export(dynamo=True) decomposes every op that has no ONNX function
-  with torch._decomp.decomposition_table; registering our eval op there as
+  with the table its create_onnx_friendly_decomposition_table builds; our
+  wrapper of that function adds the eval op as
   aten._native_batch_norm_legit_no_training (what torch's BatchNorm becomes in
-  torch.export) hands it to torchlib's BatchNormalization translation.
-  The fused op is registered there as that op, aten.add and torch's activation.
-  torch.export and torch.compile graphs keep our ops: neither applies that
-  table unless asked (torch.export.default_decompositions and Inductor's table
-  list their ops). NB: with symbolic shapes FakeTensor prefers a table entry to
-  a registered fake kernel, so it computes these ops' output metadata through
-  the decompositions (same dtype, shape and strides; the graph keeps our ops).
+  torch.export), which torchlib translates to BatchNormalization, and the fused
+  op as that op, aten.add and torch's activation.
+  NB: not in torch._decomp.decomposition_table: with the CI environment
+  variable set (as on GitHub Actions), Inductor refuses to fall back to an op
+  that has an entry there ("make_fallback(...): a decomposition exists"), so
+  torch.compile of an eval model would fail. torch.export and torch.compile
+  graphs keep our ops.
 - torch.onnx.export(dynamo=False) traces with TorchScript and looks our ops up
   in its symbolic registry; the symbolics are torch's own aten::batch_norm,
   aten::add and activation ones.
@@ -25,7 +26,6 @@ supported: the exporters see a training op, which has no translation.
 """
 
 import torch
-import torch._decomp
 
 EVAL_OP_NAME = "bnorm_ext::batch_norm_forward_eval"
 ACT_EVAL_OP_NAME = "bnorm_ext::batch_norm_act_forward_eval"
@@ -75,13 +75,32 @@ def batch_norm_act_eval_as_aten(input, weight, bias, running_mean, running_var, 
     return output
 
 
+def onnx_decompositions() -> dict:
+    """Our eval ops -> their decompositions into ATen ops, for the dynamo ONNX exporter."""
+    return {
+        torch.ops.bnorm_ext.batch_norm_forward_eval.default: batch_norm_eval_as_aten,
+        torch.ops.bnorm_ext.batch_norm_act_forward_eval.default: batch_norm_act_eval_as_aten,
+    }
+
+
 def _register_decomposition() -> None:
-    for op, decomposition in (
-        (torch.ops.bnorm_ext.batch_norm_forward_eval.default, batch_norm_eval_as_aten),
-        (torch.ops.bnorm_ext.batch_norm_act_forward_eval.default, batch_norm_act_eval_as_aten),
-    ):
-        if op not in torch._decomp.decomposition_table:
-            torch._decomp.register_decomposition(op)(decomposition)
+    # Wraps the dynamo exporter's (private) table builder; without it, export of our ops fails
+    # with the exporter's unsupported-operator error.
+    try:
+        from torch.onnx._internal.exporter import _decomp
+    except ImportError:
+        return
+    build_table = getattr(_decomp, "create_onnx_friendly_decomposition_table", None)
+    if build_table is None or getattr(build_table, "_bnorm_ext", False):
+        return
+
+    def create_onnx_friendly_decomposition_table(*args, **kwargs):
+        table = build_table(*args, **kwargs)
+        table.update(onnx_decompositions())
+        return table
+
+    create_onnx_friendly_decomposition_table._bnorm_ext = True
+    _decomp.create_onnx_friendly_decomposition_table = create_onnx_friendly_decomposition_table
 
 
 def _torchscript_symbolic(torch_batch_norm_symbolic):

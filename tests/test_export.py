@@ -226,6 +226,21 @@ def test_onnx_registration_leaves_torch_export_and_compile_graphs_alone():
     assert op in [node.target for node in graph.nodes], graph
 
 
+def test_compile_of_eval_model_with_ci_environment_variable(monkeypatch):
+    # Inductor, with CI set (GitHub Actions sets it), refuses to fall back to an op that has an
+    # entry in torch._decomp.decomposition_table: the ONNX registration must not put ours there.
+    monkeypatch.setenv("CI", "true")
+    for op in (torch.ops.bnorm_ext.batch_norm_forward_eval.default,
+               torch.ops.bnorm_ext.batch_norm_act_forward_eval.default):
+        assert op not in torch._decomp.decomposition_table
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bnorm_ext.BatchNorm2d(4), nn.Conv2d(4, 4, 1),
+                          bnorm_ext.BatchNormAct2d(4, activation="silu")).eval()
+    x = randn_shifted((2, 3, 8, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
+
+
 @pytest.mark.parametrize("shape, dtype, memory_format", [
     pytest.param((6, 5), torch.float32, torch.contiguous_format, id="NC-float32"),
     pytest.param((3, 5, 7), torch.float64, torch.contiguous_format, id="NCL-float64"),
