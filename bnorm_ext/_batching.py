@@ -68,15 +68,15 @@ def _write_back_running_stat(batched: Optional[Tensor], flat: Optional[Tensor]) 
         batched.copy_(flat.view(batched.shape))
 
 
-@torch.library.register_vmap("bnorm_ext::batch_norm_forward_train")
-def _forward_train_vmap(info, in_dims, input, weight, bias, running_mean, running_var, num_batches_tracked,
-                        momentum, eps):
-    B = info.batch_size
+def _forward_train_folded(op, B, in_dims, input, weight, bias, running_mean, running_var, num_batches_tracked,
+                          momentum, eps, *extra):
+    # A training forward op (plain or fused; `extra`: its arguments after eps, already folded)
+    # on the vmapped dim folded into the channels, running statistics written back.
     input_dim, weight_dim, bias_dim, mean_dim, var_dim, count_dim = in_dims[:6]
     _check_running_stats_batched(running_mean, running_var, mean_dim, var_dim, count_dim)
     mean_batched, mean_flat = _fold_running_stat(running_mean, mean_dim)
     var_batched, var_flat = _fold_running_stat(running_var, var_dim)
-    output, save_mean, save_invstd = torch.ops.bnorm_ext.batch_norm_forward_train(
+    output, save_mean, save_invstd = op(
         _fold_input(input, input_dim, B),
         _fold_channel(weight, weight_dim, B),
         _fold_channel(bias, bias_dim, B),
@@ -85,25 +85,39 @@ def _forward_train_vmap(info, in_dims, input, weight, bias, running_mean, runnin
         num_batches_tracked,
         momentum,
         eps,
+        *extra,
     )
     _write_back_running_stat(mean_batched, mean_flat)
     _write_back_running_stat(var_batched, var_flat)
     return (_unfold_input(output, B), save_mean.view(B, -1), save_invstd.view(B, -1)), (1, 0, 0)
 
 
-@torch.library.register_vmap("bnorm_ext::batch_norm_forward_eval")
-def _forward_eval_vmap(info, in_dims, input, weight, bias, running_mean, running_var, eps):
-    B = info.batch_size
+def _forward_eval_folded(op, B, in_dims, input, weight, bias, running_mean, running_var, eps, *extra):
+    # An eval forward op (plain or fused) on the vmapped dim folded into the channels.
     input_dim, weight_dim, bias_dim, mean_dim, var_dim = in_dims[:5]
-    output = torch.ops.bnorm_ext.batch_norm_forward_eval(
+    output = op(
         _fold_input(input, input_dim, B),
         _fold_channel(weight, weight_dim, B),
         _fold_channel(bias, bias_dim, B),
         _fold_channel(running_mean, mean_dim, B),
         _fold_channel(running_var, var_dim, B),
         eps,
+        *extra,
     )
     return _unfold_input(output, B), 1
+
+
+@torch.library.register_vmap("bnorm_ext::batch_norm_forward_train")
+def _forward_train_vmap(info, in_dims, input, weight, bias, running_mean, running_var, num_batches_tracked,
+                        momentum, eps):
+    return _forward_train_folded(torch.ops.bnorm_ext.batch_norm_forward_train, info.batch_size, in_dims, input,
+                                 weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)
+
+
+@torch.library.register_vmap("bnorm_ext::batch_norm_forward_eval")
+def _forward_eval_vmap(info, in_dims, input, weight, bias, running_mean, running_var, eps):
+    return _forward_eval_folded(torch.ops.bnorm_ext.batch_norm_forward_eval, info.batch_size, in_dims, input,
+                                weight, bias, running_mean, running_var, eps)
 
 
 @torch.library.register_vmap("bnorm_ext::batch_norm_backward")
@@ -125,45 +139,18 @@ def _backward_vmap(info, in_dims, grad_out, input, weight, running_mean, running
 def _act_forward_train_vmap(info, in_dims, input, weight, bias, running_mean, running_var, num_batches_tracked,
                             momentum, eps, residual, activation, negative_slope):
     B = info.batch_size
-    input_dim, weight_dim, bias_dim, mean_dim, var_dim, count_dim = in_dims[:6]
-    _check_running_stats_batched(running_mean, running_var, mean_dim, var_dim, count_dim)
-    mean_batched, mean_flat = _fold_running_stat(running_mean, mean_dim)
-    var_batched, var_flat = _fold_running_stat(running_var, var_dim)
-    output, save_mean, save_invstd = torch.ops.bnorm_ext.batch_norm_act_forward_train(
-        _fold_input(input, input_dim, B),
-        _fold_channel(weight, weight_dim, B),
-        _fold_channel(bias, bias_dim, B),
-        mean_flat,
-        var_flat,
-        num_batches_tracked,
-        momentum,
-        eps,
-        _fold_input(residual, in_dims[8], B),
-        activation,
-        negative_slope,
-    )
-    _write_back_running_stat(mean_batched, mean_flat)
-    _write_back_running_stat(var_batched, var_flat)
-    return (_unfold_input(output, B), save_mean.view(B, -1), save_invstd.view(B, -1)), (1, 0, 0)
+    return _forward_train_folded(torch.ops.bnorm_ext.batch_norm_act_forward_train, B, in_dims, input, weight, bias,
+                                 running_mean, running_var, num_batches_tracked, momentum, eps,
+                                 _fold_input(residual, in_dims[8], B), activation, negative_slope)
 
 
 @torch.library.register_vmap("bnorm_ext::batch_norm_act_forward_eval")
 def _act_forward_eval_vmap(info, in_dims, input, weight, bias, running_mean, running_var, eps, residual, activation,
                            negative_slope):
     B = info.batch_size
-    input_dim, weight_dim, bias_dim, mean_dim, var_dim = in_dims[:5]
-    output = torch.ops.bnorm_ext.batch_norm_act_forward_eval(
-        _fold_input(input, input_dim, B),
-        _fold_channel(weight, weight_dim, B),
-        _fold_channel(bias, bias_dim, B),
-        _fold_channel(running_mean, mean_dim, B),
-        _fold_channel(running_var, var_dim, B),
-        eps,
-        _fold_input(residual, in_dims[6], B),
-        activation,
-        negative_slope,
-    )
-    return _unfold_input(output, B), 1
+    return _forward_eval_folded(torch.ops.bnorm_ext.batch_norm_act_forward_eval, B, in_dims, input, weight, bias,
+                                running_mean, running_var, eps, _fold_input(residual, in_dims[6], B), activation,
+                                negative_slope)
 
 
 @torch.library.register_vmap("bnorm_ext::batch_norm_act_backward")
