@@ -10,79 +10,19 @@ without them is left as it is. `enable_inductor_fusion()` switches it on.
 """
 
 import operator
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_custom_graph_passes, get_hash_for_files
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .activation_fusion import _activation_of, _residual_of
 
 _OPS = torch.ops.bnorm_ext
 _TRAIN = (_OPS.batch_norm_forward_train, _OPS.batch_norm_forward_train.default)
 _EVAL = (_OPS.batch_norm_forward_eval, _OPS.batch_norm_forward_eval.default)
 _ATEN = torch.ops.aten
-
-_RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_, _ATEN.relu.default, _ATEN.relu_.default)
-_SILU_FUNCTIONS = (F.silu, _ATEN.silu.default, _ATEN.silu_.default)
-_LEAKY_RELU_FUNCTIONS = (F.leaky_relu, F.leaky_relu_, torch._C._nn.leaky_relu, torch._C._nn.leaky_relu_,
-                         _ATEN.leaky_relu.default, _ATEN.leaky_relu_.default)
-_ADD_FUNCTIONS = (operator.add, torch.add, _ATEN.add.Tensor)
-# NB: in-place adds write into their first operand, so it must be the BatchNorm's output.
-_ADD_INPLACE_FUNCTIONS = (operator.iadd, _ATEN.add_.Tensor)
-
-
-def _only_kwargs(node: fx.Node, allowed: Tuple[str, ...]) -> bool:
-    return all(k in allowed for k in node.kwargs)
-
-
-def _activation_of(node: fx.Node) -> Optional[Tuple[fx.Node, str, float]]:
-    # (input node, activation, negative_slope) when `node` applies a fusable
-    # activation to one tensor, in place or not; else None.
-    if not node.args or not isinstance(node.args[0], fx.Node):
-        return None
-    x = node.args[0]
-    if node.op == "call_method":
-        if node.target in ("relu", "relu_") and len(node.args) == 1 and not node.kwargs:
-            return x, "relu", 0.0
-        return None
-    if node.op != "call_function":
-        return None
-    if node.target in _RELU_FUNCTIONS and len(node.args) <= 2 and _only_kwargs(node, ("inplace",)):
-        return x, "relu", 0.0
-    if node.target in _SILU_FUNCTIONS and len(node.args) <= 2 and _only_kwargs(node, ("inplace",)):
-        return x, "silu", 0.0
-    if node.target in _LEAKY_RELU_FUNCTIONS and len(node.args) <= 3 and _only_kwargs(
-        node, ("negative_slope", "inplace")
-    ):
-        slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
-        if isinstance(slope, (int, float)) and not isinstance(slope, bool) and slope >= 0:
-            return x, "leaky_relu", float(slope)
-    return None
-
-
-def _residual_of(node: fx.Node, bn_out: fx.Node) -> Optional[fx.Node]:
-    # The other operand when `node` is bn_out + other (either order; +, +=,
-    # torch.add, Tensor.add / add_) without alpha; else None.
-    if node.kwargs or len(node.args) != 2:
-        return None
-    a, b = node.args
-    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
-        pass
-    elif node.op == "call_method" and node.target == "add":
-        pass
-    elif (node.op == "call_function" and node.target in _ADD_INPLACE_FUNCTIONS) or (
-        node.op == "call_method" and node.target == "add_"
-    ):
-        if a is not bn_out:
-            return None
-    else:
-        return None
-    other = b if a is bn_out else a if b is bn_out else None
-    if not isinstance(other, fx.Node) or other is bn_out:
-        return None
-    return other
-
 
 def _example(node: fx.Node) -> Any:
     return node.meta.get("example_value", node.meta.get("val"))

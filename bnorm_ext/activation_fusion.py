@@ -18,8 +18,13 @@ from .modules import BatchNorm2d
 _FUSABLE_BN = (nn.BatchNorm2d, BatchNorm2d)
 
 _ACT_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.SiLU: "silu"}
-_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
-_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_, torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
+_SILU_FUNCTIONS = (F.silu, torch.ops.aten.silu.default, torch.ops.aten.silu_.default)
+_LEAKY_RELU_FUNCTIONS = (F.leaky_relu, F.leaky_relu_, torch._C._nn.leaky_relu, torch._C._nn.leaky_relu_,
+                         torch.ops.aten.leaky_relu.default, torch.ops.aten.leaky_relu_.default)
+_ADD_FUNCTIONS = (operator.add, torch.add, torch.ops.aten.add.Tensor)
+# NB: in-place adds write into their first operand, so it must be the BatchNorm's output.
+_ADD_INPLACE_FUNCTIONS = (operator.iadd, torch.ops.aten.add_.Tensor)
 
 
 # NB: our BatchNorm modules (and BatchNormAct2d) record themselves as
@@ -29,17 +34,18 @@ class _FusionTracer(fx.Tracer):
         return type(m) is BatchNormAct2d or super().is_leaf_module(m, module_qualified_name)
 
 
-def _only_kwargs(node: fx.Node, allowed) -> bool:
+def _only_kwargs(node: fx.Node, allowed: Tuple[str, ...]) -> bool:
     return all(k in allowed for k in node.kwargs)
 
 
-def _activation_of(node: fx.Node, modules) -> Optional[Tuple[fx.Node, str, float]]:
-    """(input node, activation, negative_slope) when `node` is a fusable
-    activation of one tensor, else None."""
+def _activation_of(node: fx.Node, modules=None) -> Optional[Tuple[fx.Node, str, float]]:
+    # (input node, activation, negative_slope) when `node` applies a fusable
+    # activation to one tensor, in place or not; else None. `modules`: the
+    # graph's submodules by name, for call_module nodes (module-level graphs).
     if not node.args or not isinstance(node.args[0], fx.Node):
         return None
     x = node.args[0]
-    if node.op == "call_module":
+    if node.op == "call_module" and modules is not None:
         module = modules.get(node.target)
         act = _ACT_MODULES.get(type(module))
         if act is None or len(node.args) != 1 or node.kwargs:
@@ -54,18 +60,20 @@ def _activation_of(node: fx.Node, modules) -> Optional[Tuple[fx.Node, str, float
         return None
     if node.target in _RELU_FUNCTIONS and len(node.args) <= 2 and _only_kwargs(node, ("inplace",)):
         return x, "relu", 0.0
-    if node.target is F.silu and len(node.args) <= 2 and _only_kwargs(node, ("inplace",)):
+    if node.target in _SILU_FUNCTIONS and len(node.args) <= 2 and _only_kwargs(node, ("inplace",)):
         return x, "silu", 0.0
-    if node.target is F.leaky_relu and len(node.args) <= 3 and _only_kwargs(node, ("negative_slope", "inplace")):
+    if node.target in _LEAKY_RELU_FUNCTIONS and len(node.args) <= 3 and _only_kwargs(
+        node, ("negative_slope", "inplace")
+    ):
         slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
         if isinstance(slope, (int, float)) and not isinstance(slope, bool) and slope >= 0:
             return x, "leaky_relu", float(slope)
     return None
 
 
-def _residual_of(node: fx.Node, bn: fx.Node) -> Optional[fx.Node]:
-    """The other operand when `node` is bn + other (any order, +, +=, torch.add,
-    Tensor.add/add_ without alpha), else None."""
+def _residual_of(node: fx.Node, bn_out: fx.Node) -> Optional[fx.Node]:
+    # The other operand when `node` is bn_out + other (either order; +, +=,
+    # torch.add, Tensor.add / add_) without alpha; else None.
     if node.kwargs or len(node.args) != 2:
         return None
     a, b = node.args
@@ -73,12 +81,15 @@ def _residual_of(node: fx.Node, bn: fx.Node) -> Optional[fx.Node]:
         pass
     elif node.op == "call_method" and node.target == "add":
         pass
-    elif node.op == "call_method" and node.target == "add_" and a is bn:
-        pass  # NB: other.add_(bn) would write into `other`, which others may read
+    elif (node.op == "call_function" and node.target in _ADD_INPLACE_FUNCTIONS) or (
+        node.op == "call_method" and node.target == "add_"
+    ):
+        if a is not bn_out:
+            return None
     else:
         return None
-    other = b if a is bn else a if b is bn else None
-    if not isinstance(other, fx.Node) or other is bn:
+    other = b if a is bn_out else a if b is bn_out else None
+    if not isinstance(other, fx.Node) or other is bn_out:
         return None
     return other
 
