@@ -217,15 +217,24 @@ C10_HOST_DEVICE inline acc_t running_update(
 // y = act(z), z = BN(x) [+ residual].
 enum class Activation { kIdentity, kRelu, kLeakyRelu, kSilu };
 
-template <Activation A, typename acc_t>
-C10_HOST_DEVICE inline acc_t activation_apply(acc_t z, acc_t negative_slope) {
+// e^x through std::exp: the exponential of silu below by default (the CPU
+// kernels pass their branch-free float one, which vectorises).
+struct StdExp {
+  template <typename T>
+  C10_HOST_DEVICE T operator()(T x) const {
+    return std::exp(x);
+  }
+};
+
+template <Activation A, typename acc_t, typename Exp = StdExp>
+C10_HOST_DEVICE inline acc_t activation_apply(acc_t z, acc_t negative_slope, const Exp& exp = {}) {
   if constexpr (A == Activation::kRelu) {
     // NB: NaN stays NaN, as torch.relu (z > 0 is false for NaN, so test z < 0).
     return z < acc_t(0) ? acc_t(0) : z;
   } else if constexpr (A == Activation::kLeakyRelu) {
     return z > acc_t(0) ? z : z * negative_slope;
   } else if constexpr (A == Activation::kSilu) {
-    return z / (acc_t(1) + std::exp(-z));
+    return z / (acc_t(1) + exp(-z));
   } else {
     return z;
   }
@@ -246,9 +255,9 @@ C10_HOST_DEVICE inline acc_t activation_grad_from_output(acc_t dy, acc_t y, acc_
 }
 
 // dL/dz of y = silu(z) = z * sigmoid(z), from the pre-activation z.
-template <typename acc_t>
-C10_HOST_DEVICE inline acc_t silu_grad(acc_t dy, acc_t z) {
-  const acc_t sig = acc_t(1) / (acc_t(1) + std::exp(-z));
+template <typename acc_t, typename Exp = StdExp>
+C10_HOST_DEVICE inline acc_t silu_grad(acc_t dy, acc_t z, const Exp& exp = {}) {
+  const acc_t sig = acc_t(1) / (acc_t(1) + exp(-z));
   return dy * sig * (acc_t(1) + z * (acc_t(1) - sig));
 }
 

@@ -420,6 +420,35 @@ def test_nan_propagates_like_torch(device):
         assert out.isnan().sum() == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device", devices)
+def test_silu_extreme_pre_activations_like_torch(device, dtype):
+    # silu's exponential in float (the CPU kernels' own, branch-free one) at and past its range
+    # limits: overflow, subnormal and zero results, +-Inf and NaN, forward and backward.
+    specials = [float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 120.0, -120.0, 104.5, -104.5, 103.0,
+                -103.0, 89.0, -89.0, 88.72, -88.72, 87.5, -87.5, 80.0, -80.0, 20.0, -20.0, 1e-3, -1e-3, 0.0]
+    x, w, b, _, rm, rv = make_case((2, 4, 5, 5), torch.float32, device, torch.contiguous_format)
+    x, rm, rv, w, b = (t.to(dtype) for t in (x, rm, rv, w, b))
+    r = torch.zeros_like(x)
+    r.view(-1)[:len(specials)] = torch.tensor(specials, dtype=dtype)
+    r.view(-1)[len(specials):] = torch.linspace(-110, 100, r.numel() - len(specials), dtype=dtype)
+    # Reference in float32 (bfloat16: the fused op rounds once, at the end).
+    y_bn = F.batch_norm(x.float(), rm.float(), rv.float(), w.float(), b.float(), False, 0.1, EPS)
+    z = (y_bn + r.float()).requires_grad_()
+    ref = F.silu(z)
+    r_ = r.clone().requires_grad_()
+    out = bnorm_ext.batch_norm_act(x, rm, rv, w, b, False, eps=EPS, activation="silu", residual=r_)
+    tol = dict(rtol=1e-5, atol=1e-30) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-30)
+    torch.testing.assert_close(out, ref.to(dtype), equal_nan=True, **tol)
+    assert torch.equal(out.isnan(), ref.isnan())
+    dy = torch.randn_like(out)
+    (g_ref,) = torch.autograd.grad(ref, z, dy.float())
+    g_ref = g_ref.to(dtype)
+    (g_r,) = torch.autograd.grad(out, r_, dy)
+    torch.testing.assert_close(g_r, g_ref, equal_nan=True, **tol)
+    assert torch.equal(g_r.isnan(), g_ref.isnan())
+
+
 def test_residual_broadcast_falls_back_to_torch_add():
     x, w, b, _, rm, rv = make_case((2, 3, 4, 4), torch.float64, "cpu", torch.contiguous_format)
     r = torch.randn(3, 1, 1, dtype=torch.float64)
