@@ -372,4 +372,38 @@ void check_like_input(const char* op, const char* name, const Tensor& input, con
       r.layout() == at::kStrided, op, ": expected a strided (dense) ", name, ", got layout ", r.layout());
 }
 
+std::pair<BatchNormShape, Activation> check_act_backward_args(
+    const char* op,
+    const Tensor& grad_out,
+    const OptTensor& output,
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& bias,
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    const OptTensor& save_mean,
+    const OptTensor& save_invstd,
+    const OptTensor& residual,
+    bool training,
+    double eps,
+    std::string_view activation,
+    double negative_slope) {
+  const BatchNormShape s = check_backward_args(op, grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
+  check_params(op, input, s.C, {{"bias", &bias}});
+  const Activation act = parse_activation(op, activation, negative_slope);
+  TORCH_CHECK(
+      !(act == Activation::kRelu || act == Activation::kLeakyRelu) || given(output),
+      op, ": activation '", std::string(activation), "' reads its derivative from output, which is None");
+  check_like_input(op, "output", input, output);
+  check_like_input(op, "residual", input, residual);
+  return {s, act};
+}
+
+std::pair<Tensor, Tensor> act_backward_operands(
+    Activation act, const OptTensor& output, const OptTensor& residual, const Tensor& input) {
+  const bool reads_output = act == Activation::kRelu || act == Activation::kLeakyRelu;
+  return {reads_output ? dense_like_input(output, input) : Tensor(),
+          act == Activation::kSilu ? dense_like_input(residual, input) : Tensor()};
+}
+
 } // namespace bnorm_ext

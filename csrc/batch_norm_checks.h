@@ -8,6 +8,7 @@
 #include <optional>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 
 #include "batch_norm_math.h"
 
@@ -151,5 +152,23 @@ void with_activation(Activation act, const F& f) {
 // A fused op's residual or saved output, `name`: input's shape, dtype and
 // device (None allowed).
 void check_like_input(const char* op, const char* name, const Tensor& input, const OptTensor& t);
+
+// Checks of batch_norm_act_backward's arguments in every backend's kernel: the
+// plain backward's, bias, the activation, the output that relu/leaky_relu
+// read, and the output and residual like the input. Returns the input's shape
+// and the activation. NB: reads sizes, so not for the autograd kernel, which
+// may see symbolic ones.
+std::pair<BatchNormShape, Activation> check_act_backward_args(
+    const char* op, const Tensor& grad_out, const OptTensor& output, const Tensor& input,
+    const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
+    const OptTensor& running_var, const OptTensor& save_mean, const OptTensor& save_invstd,
+    const OptTensor& residual, bool training, double eps, std::string_view activation,
+    double negative_slope);
+
+// What the fused backward of `act` reads besides grad_out and input, dense in
+// the input's layout: the output for relu/leaky_relu (their derivative) and
+// the residual for silu (its pre-activation); undefined where not read.
+std::pair<Tensor, Tensor> act_backward_operands(
+    Activation act, const OptTensor& output, const OptTensor& residual, const Tensor& input);
 
 } // namespace bnorm_ext

@@ -120,15 +120,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cpu(
     std::string_view activation,
     double negative_slope) {
   const char* op = "bnorm_ext::batch_norm_act_backward";
-  const BatchNormShape s = check_backward_args(op, grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
-  check_params(op, input, s.C, {{"weight", &weight}, {"bias", &bias}});
-  const Activation act = parse_activation(op, activation, negative_slope);
-  const bool reads_output = act == Activation::kRelu || act == Activation::kLeakyRelu;
-  TORCH_CHECK(
-      !reads_output || given(output),
-      op, ": activation '", std::string(activation), "' reads its derivative from output, which is None");
-  check_like_input(op, "output", input, output);
-  check_like_input(op, "residual", input, residual);
+  const std::pair<BatchNormShape, Activation> checked = check_act_backward_args(
+      op, grad_out, output, input, weight, bias, running_mean, running_var, save_mean, save_invstd, residual, training,
+      eps, activation, negative_slope);
+  const BatchNormShape& s = checked.first;
+  const Activation act = checked.second;
   std::vector<double> mean, invstd;
   if (training) {
     mean = param_values(save_mean, s.C, 0.0);
@@ -144,9 +140,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cpu(
   const std::vector<double> b = param_values(bias, s.C, 0.0);
   const Tensor dy = grad_out.contiguous(output_memory_format(input));
   const Tensor x = dense_input(input);
-  const Tensor y = reads_output ? dense_like_input(output, input) : Tensor();
-  // NB: only silu's pre-activation includes the residual; the others never read it.
-  const Tensor res = act == Activation::kSilu ? dense_like_input(residual, input) : Tensor();
+  const std::pair<Tensor, Tensor> read = act_backward_operands(act, output, residual, input);
+  const Tensor& y = read.first;
+  const Tensor& res = read.second;
   Tensor grad_in = at::empty_like(input, output_memory_format(input));
   Tensor grad_res = need_grad_residual ? at::empty_like(input, output_memory_format(input)) : at::empty({0}, input.options());
   const int64_t tensors_read = 2 + (y.defined() ? 1 : 0) + (res.defined() ? 1 : 0);

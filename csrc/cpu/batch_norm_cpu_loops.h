@@ -124,9 +124,9 @@ constexpr int64_t kRunIters = 16;
 // e^x of float x in branch-free code, so that a loop calling it vectorises
 // (std::exp is a libm call per element): Cody-Waite reduction x = n ln2 + r,
 // |r| <= ln2/2, Cephes' degree-7 polynomial for e^r, times 2^n in two factors
-// (results down to the subnormals). Within 1 ulp of e^x (0.99 ulp, every
-// float in [-104, 89] checked against double exp); Inf above 88.7228, 0 below
-// -104, NaN for NaN.
+// (results down to the subnormals). Within 0.99 ulp of e^x for every float x
+// whose e^x is a normal float (each checked against double exp); Inf above
+// 88.7228, 0 below -104, NaN for NaN.
 C10_ALWAYS_INLINE float exp_branch_free(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kRound = 12582912.0f; // 1.5 * 2^23: adding it rounds to an integer

@@ -36,15 +36,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cuda(
     std::string_view activation,
     double negative_slope) {
   const char* op = "bnorm_ext::batch_norm_act_backward";
-  const BatchNormShape s = check_backward_args(op, grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
-  check_params(op, input, s.C, {{"weight", &weight}, {"bias", &bias}});
-  const Activation act = parse_activation(op, activation, negative_slope);
-  const bool reads_output = act == Activation::kRelu || act == Activation::kLeakyRelu;
-  TORCH_CHECK(
-      !reads_output || given(output),
-      op, ": activation '", std::string(activation), "' reads its derivative from output, which is None");
-  check_like_input(op, "output", input, output);
-  check_like_input(op, "residual", input, residual);
+  const std::pair<BatchNormShape, Activation> checked = check_act_backward_args(
+      op, grad_out, output, input, weight, bias, running_mean, running_var, save_mean, save_invstd, residual, training,
+      eps, activation, negative_slope);
+  const BatchNormShape& s = checked.first;
+  const Activation act = checked.second;
   const auto acc = acc_scalar_type(input.scalar_type());
   c10::cuda::CUDAGuard guard(input.device());
   const std::pair<Tensor, Tensor> stats = backward_stats(training, save_mean, save_invstd, running_mean, running_var, eps, acc);
@@ -60,9 +56,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cuda(
     return {dx, grad_weight, grad_bias, grad_residual};
   }
   const OptTensor w = contiguous_param(weight), b = contiguous_param(bias);
-  const Tensor y = reads_output ? dense_like_input(output, input) : Tensor();
-  // NB: only silu's pre-activation includes the residual; the others never read it.
-  const Tensor res = act == Activation::kSilu ? dense_like_input(residual, input) : Tensor();
+  const std::pair<Tensor, Tensor> read = act_backward_operands(act, output, residual, input);
+  const Tensor& y = read.first;
+  const Tensor& res = read.second;
   const auto with_prologue = [&](auto scalar_tag, auto param_tag, const auto& run) {
     using scalar_t = decltype(scalar_tag);
     using param_t = decltype(param_tag);
