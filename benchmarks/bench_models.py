@@ -4,7 +4,8 @@ converted + fused (BN -> act and BN -> add -> act as one op), eager and under to
 
 Usage (from the repository root, with the package built and torchvision installed):
 
-    python benchmarks/bench_models.py            # ResNet-18 and ResNet-50, batch 16, 112x112 (~10-15 min on 2 cores, most of it compiling)
+    python benchmarks/bench_models.py            # ResNet-18 and ResNet-50, batch 16, 112x112 (2-4 min on 2 cores, most of it compiling)
+    python benchmarks/bench_models.py --profile 4  # and where the time of a call goes, per variant (torch.profiler)
     python benchmarks/bench_models.py --quick    # ResNet-18 at 64x64, few repeats: a smoke run
     python benchmarks/bench_models.py --device cuda
 
@@ -99,6 +100,35 @@ def time_group(fns, repeats, number, device):
     return {n: statistics.median(v) for n, v in samples.items()}
 
 
+# Profile categories (--profile): self CPU time of the ops whose names match, per call.
+PROFILE_CATEGORIES = (
+    ("conv", lambda n: n.startswith(("aten::convolution", "aten::mkldnn_convolution", "aten::_convolution"))),
+    ("bn_act", lambda n: n.startswith(("bnorm_ext::", "aten::native_batch_norm", "aten::_native_batch_norm",
+                                       "aten::batch_norm", "aten::threshold_backward", "aten::relu",
+                                       "aten::clamp_min"))),
+    ("inductor", lambda n: n.startswith("## Call CompiledFxGraph")),
+)
+
+
+def profile_split(fn, steps):
+    """ms per call of fn in PROFILE_CATEGORIES, the rest ("other") and in all ("total"), from the
+    profiler's self CPU times (the calling thread's wall time in each op)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+    split = {name: 0.0 for name, _ in PROFILE_CATEGORIES}
+    total = 0.0
+    for e in prof.key_averages():
+        total += e.self_cpu_time_total
+        for name, match in PROFILE_CATEGORIES:
+            if match(e.key):
+                split[name] += e.self_cpu_time_total
+                break
+    split["other"] = total - sum(split.values())
+    split["total"] = total
+    return {k: v / 1e3 / steps for k, v in split.items()}
+
+
 def check(runners, x, target, mode):
     """First training loss and eval output of every variant vs the torch variant."""
     ref_state = {n: copy.deepcopy(r.model.state_dict()) for n, r in runners.items()}
@@ -117,6 +147,16 @@ def check(runners, x, target, mode):
         runners[n].model.load_state_dict(ref_state[n])
 
 
+def write_csv(path, rows, digits):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.{digits}f}" if isinstance(v, float) else v) for k, v in r.items()})
+    print(f"CSV written to {path}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -131,6 +171,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="ResNet-18 at 64x64, batch 4, 3 rounds")
     p.add_argument("--csv", default=None, help="CSV path (default benchmarks/results/<device>_models.csv; '' to skip)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also profile STEPS calls of each variant: ms per call in convolutions, BatchNorm + "
+                        "activation ops (ours, torch's), Inductor's generated code, the rest")
     args = p.parse_args(argv)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -156,7 +199,7 @@ def main(argv=None):
           f"median ms per call of {repeats} interleaved rounds")
     print(f"{'model':>9} {'workload':>8} {'mode':>8} " + " ".join(f"{v:>10}" for v in VARIANTS)
           + f" {'conv/torch':>10} {'fused/torch':>11} {'busy':>5}")
-    rows = []
+    rows, profiles = [], []
     gen = torch.Generator().manual_seed(args.seed)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     for name in models:
@@ -190,17 +233,21 @@ def main(argv=None):
                 rows.append(row)
                 print(f"{name:>9} {workload:>8} {mode:>8} " + " ".join(f"{ms[v]:10.2f}" for v in VARIANTS)
                       + f" {row['ratio_converted']:10.3f} {row['ratio_fused']:11.3f} {busy:5.2f}", flush=True)
+                if args.profile and device == "cpu":
+                    for v in VARIANTS:
+                        split = profile_split(fns[v], args.profile)
+                        profiles.append(dict(model=name, workload=workload, mode=mode, variant=v, steps=args.profile,
+                                             **{f"{k}_ms": val for k, val in split.items()}))
+                        print(f"{'':>9} profile {v:>9}: " + "  ".join(f"{k} {val:.1f}" for k, val in split.items())
+                              + " ms per call", flush=True)
             del runners, variants
     csv_path = args.csv if args.csv is not None else os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                                   "results", f"{device}_models.csv")
     if csv_path and not args.quick:
-        os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
-        with open(csv_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
-        print(f"CSV written to {csv_path}")
+        write_csv(csv_path, rows, 4)
+        if profiles:
+            root, ext = os.path.splitext(csv_path)
+            write_csv(f"{root}_profile{ext or '.csv'}", profiles, 3)
     return 0
 
 
