@@ -23,7 +23,10 @@ its eval output are compared with the torch variant's in the same mode (float32 
 Timing: warm-up (compiles), then --repeats rounds; in each round every variant of the group runs
 the same number of calls back to back (order alternating between rounds); figure = median ms per
 call; ratio = variant / torch variant in the same mode. The CPU figures are for this machine only:
-compare ratios, not times.
+compare ratios, not times. Page faults per call (minor faults, getrusage) count the fresh pages the
+kernel had to map and zero during the timed calls: with glibc's malloc, large tensors freed and
+allocated again often come back as fresh pages (its mmap and trim thresholds decide), which costs
+time in whichever op touches them first.
 """
 
 import argparse
@@ -34,6 +37,11 @@ import platform
 import statistics
 import sys
 import time
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 
 import torch
 import torch.nn.functional as F
@@ -85,19 +93,29 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def minor_faults():
+    """Minor page faults of this process so far (fresh pages the kernel mapped and zeroed)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else float("nan")
+
+
 def time_group(fns, repeats, number, device):
-    """Interleaved medians (ms per call) of zero-argument functions."""
+    """Interleaved medians (ms per call) of zero-argument functions, and their minor page faults
+    per call."""
     names = list(fns)
     samples = {n: [] for n in names}
+    faults = {n: 0 for n in names}
     for r in range(repeats):
         for n in (names if r % 2 == 0 else names[::-1]):
             sync(device)
+            f0 = minor_faults()
             t0 = time.perf_counter()
             for _ in range(number):
                 fns[n]()
             sync(device)
             samples[n].append((time.perf_counter() - t0) / number * 1e3)
-    return {n: statistics.median(v) for n, v in samples.items()}
+            faults[n] += minor_faults() - f0
+    return ({n: statistics.median(v) for n, v in samples.items()},
+            {n: faults[n] / (repeats * number) for n in names})
 
 
 # Profile categories (--profile): self CPU time of the ops whose names match, per call.
@@ -198,7 +216,7 @@ def main(argv=None):
           f"batch {args.batch} {args.size}x{args.size} float32{' channels_last' if args.channels_last else ''}; "
           f"median ms per call of {repeats} interleaved rounds")
     print(f"{'model':>9} {'workload':>8} {'mode':>8} " + " ".join(f"{v:>10}" for v in VARIANTS)
-          + f" {'conv/torch':>10} {'fused/torch':>11} {'busy':>5}")
+          + f" {'conv/torch':>10} {'fused/torch':>11} {'busy':>5}  page faults per call")
     rows, profiles = [], []
     gen = torch.Generator().manual_seed(args.seed)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -224,15 +242,17 @@ def main(argv=None):
                     f()
                 number = 1 if device == "cpu" else 5
                 meter = BusyMeter()
-                ms = time_group(fns, repeats, number, device)
+                ms, faults = time_group(fns, repeats, number, device)
                 busy = meter.fraction() if device == "cpu" else float("nan")
                 row = dict(device=device, model=name, workload=workload, mode=mode, batch=args.batch,
                            size=args.size, torch_ms=ms["torch"], converted_ms=ms["converted"],
                            fused_ms=ms["fused"], ratio_converted=ms["converted"] / ms["torch"],
-                           ratio_fused=ms["fused"] / ms["torch"], busy=busy, repeats=repeats)
+                           ratio_fused=ms["fused"] / ms["torch"], busy=busy, repeats=repeats,
+                           **{f"{v}_faults": faults[v] for v in VARIANTS})
                 rows.append(row)
                 print(f"{name:>9} {workload:>8} {mode:>8} " + " ".join(f"{ms[v]:10.2f}" for v in VARIANTS)
-                      + f" {row['ratio_converted']:10.3f} {row['ratio_fused']:11.3f} {busy:5.2f}", flush=True)
+                      + f" {row['ratio_converted']:10.3f} {row['ratio_fused']:11.3f} {busy:5.2f}  "
+                      + "/".join(f"{faults[v]:.0f}" for v in VARIANTS), flush=True)
                 if args.profile and device == "cpu":
                     for v in VARIANTS:
                         split = profile_split(fns[v], args.profile)
