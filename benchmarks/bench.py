@@ -531,6 +531,18 @@ def geomean(vals: List[float]) -> float:
     return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else float("nan")
 
 
+def write_rows_csv(path: str, rows: List[Dict], digits: int, fields: Optional[List[str]] = None):
+    """Rows (dicts) as CSV at path, floats with `digits` decimals; fields: the columns (default:
+    the first row's keys)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields or list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.{digits}f}" if isinstance(v, float) else v) for k, v in r.items()})
+    print(f"CSV written to {path}")
+
+
 def write_csv(path: str, rows: List[Row], meta: Dict[str, str], copy_gbps: float):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fields = ["device", "dtype", "threads", "pass", "layout", "N", "C", "H", "W", "numel", "floor_bytes",

@@ -32,7 +32,6 @@ opposite sides, and the ReLU mask (so the gradient) differs there.
 
 import argparse
 import contextlib
-import csv
 import os
 import platform
 import statistics
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import BusyMeter, CudaTimer, copy_bandwidth, parse_shape, time_cpu  # noqa: E402
+from bench import BusyMeter, CudaTimer, copy_bandwidth, parse_shape, time_cpu, write_rows_csv  # noqa: E402
 
 import bnorm_ext  # noqa: E402
 
@@ -257,17 +256,10 @@ def main(argv=None):
     csv_path = args.csv if args.csv is not None else os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                                   "results", f"{device}_act.csv")
     if csv_path and not args.quick:
-        os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
-        with open(csv_path, "w", newline="") as f:
-            fields = ["device", "shape", "layout", "pattern", "pass", "fused_ms", "torch_ms", "compile_ms",
-                      "ratio_torch", "ratio_compile", "floor_bytes", "gbps", "pct_floor", "busy", "repeats"]
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            for r in rows:
-                out = {k: r[k] for k in fields if k in r}
-                out["pass"] = r["pass_"]
-                w.writerow({k: (f"{v:.5f}" if isinstance(v, float) else v) for k, v in out.items()})
-        print(f"CSV written to {csv_path}")
+        fields = ["device", "shape", "layout", "pattern", "pass", "fused_ms", "torch_ms", "compile_ms",
+                  "ratio_torch", "ratio_compile", "floor_bytes", "gbps", "pct_floor", "busy", "repeats"]
+        out = [{**{k: r[k] for k in fields if k in r}, "pass": r["pass_"]} for r in rows]
+        write_rows_csv(csv_path, out, 5, fields)
     return 0
 
 

@@ -31,7 +31,6 @@ time in whichever op touches them first.
 
 import argparse
 import copy
-import csv
 import os
 import platform
 import statistics
@@ -47,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import BusyMeter  # noqa: E402
+from bench import BusyMeter, write_rows_csv  # noqa: E402
 
 import bnorm_ext  # noqa: E402
 
@@ -165,16 +164,6 @@ def check(runners, x, target, mode):
         runners[n].model.load_state_dict(ref_state[n])
 
 
-def write_csv(path, rows, digits):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.{digits}f}" if isinstance(v, float) else v) for k, v in r.items()})
-    print(f"CSV written to {path}")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -264,10 +253,10 @@ def main(argv=None):
     csv_path = args.csv if args.csv is not None else os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                                   "results", f"{device}_models.csv")
     if csv_path and not args.quick:
-        write_csv(csv_path, rows, 4)
+        write_rows_csv(csv_path, rows, 4)
         if profiles:
             root, ext = os.path.splitext(csv_path)
-            write_csv(f"{root}_profile{ext or '.csv'}", profiles, 3)
+            write_rows_csv(f"{root}_profile{ext or '.csv'}", profiles, 3)
     return 0
 
 
