@@ -1,10 +1,13 @@
 """Builds bnorm_ext._C: CPU kernels always, CUDA kernels when a toolkit is there.
 
 Environment switches:
-  BNORM_EXT_CUDA=1|0      force / disable the CUDA build (default: build CUDA
-                          when torch is a CUDA build and CUDA_HOME has nvcc)
-  TORCH_CUDA_ARCH_LIST    architectures to compile for; default when no GPU is
-                          visible: "8.0;9.0" (sm_80, sm_90)
+  BNORM_EXT_CUDA=1|0      force / disable the CUDA build. Default: build the CUDA
+                          kernels when torch is a CUDA build, CUDA_HOME has nvcc
+                          and a GPU is visible (for the GPUs present, as torch's
+                          own extensions do); a CPU-only build otherwise
+  TORCH_CUDA_ARCH_LIST    architectures to compile for; default: the visible
+                          GPUs', or "8.0;9.0" (sm_80, sm_90) when
+                          BNORM_EXT_CUDA=1 and no GPU is visible
   MAX_JOBS                parallel compile jobs (ninja)
   BNORM_EXT_DEBUG=1       debug build (-O0 -g, device -O0 -G -g)
 """
@@ -60,7 +63,12 @@ def _extension():
             f"(torch.version.cuda={torch.version.cuda}), CUDA_HOME with nvcc "
             f"(found {cpp_extension.CUDA_HOME}) and csrc/cuda/*.cu sources"
         )
-    use_cuda = can_cuda if want_cuda is None else want_cuda
+    if want_cuda is None:
+        use_cuda = can_cuda and torch.cuda.is_available()
+        if can_cuda and not use_cuda:
+            print("bnorm_ext: no GPU visible, building the CPU kernels only (BNORM_EXT_CUDA=1 builds the CUDA kernels too)")
+    else:
+        use_cuda = want_cuda
 
     sources = sorted(
         glob.glob(os.path.join("csrc", "*.cpp"))

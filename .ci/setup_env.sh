@@ -2,26 +2,32 @@
 # Shared environment setup for .ci/run (tests) and benchmarks/run.sh (benchmark).
 #
 #   1. creates an isolated virtual environment (default: <repo>/.venv, override BNORM_VENV)
-#   2. installs torch==2.14.1 ninja pybind11 pytest numpy, and what the ecosystem tests use:
-#      torchvision, onnx, onnxscript, onnxruntime (skipped when already done)
+#   2. installs torch==2.14.1 ninja pytest numpy, what the ecosystem tests use (torchvision,
+#      onnx, onnxscript, onnxruntime) and matplotlib for the benchmarks' plots (skipped when
+#      already done)
 #   3. exports CUDA_HOME=/usr/local/cuda when that toolkit exists
-#   4. builds bnorm_ext with `pip install --no-build-isolation -e .` (MAX_JOBS=2 by default)
+#   4. builds bnorm_ext with `pip install --no-build-isolation -e .` (MAX_JOBS=2 by default),
+#      printing each source as it compiles ([done/total] path)
 #
 # Knobs (environment):
 #   BNORM_VENV=PATH        where the venv lives                      (default <repo>/.venv)
 #   PYTHON=python3.11      interpreter used to create the venv        (default python3)
 #   BNORM_BUILD=auto|always|never
-#                          auto: build when bnorm_ext does not import or csrc/ or setup.py
-#                          changed since the last build; always: build every time
+#                          auto: build when bnorm_ext does not import, or the build's inputs
+#                          (every file under csrc/, setup.py, pyproject.toml and the knobs below)
+#                          differ from the last build's; always: build every time
 #                          (the default when CI=true); never: skip the build
-#   MAX_JOBS, TORCH_CUDA_ARCH_LIST, BNORM_EXT_CUDA, BNORM_EXT_DEBUG are passed to setup.py.
+#   MAX_JOBS, TORCH_CUDA_ARCH_LIST, BNORM_EXT_CUDA, BNORM_EXT_DEBUG are passed to setup.py
+#   (CUDA kernels are built only for the GPUs present unless BNORM_EXT_CUDA=1; see setup.py).
+#
+#   bash .ci/setup_env.sh --fingerprint   prints the build inputs' fingerprint and exits
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${BNORM_VENV:-$ROOT/.venv}"
 PY_BOOT="${PYTHON:-python3}"
-DEPS=(torch==2.14.1 ninja pybind11 pytest numpy "setuptools>=64" wheel
-      torchvision==0.29.1 onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0)
+DEPS=(torch==2.14.1 ninja pytest numpy "setuptools>=64" wheel
+      torchvision==0.29.1 onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0 matplotlib==3.11.2)
 if [[ "${CI:-}" == "true" ]]; then
   BUILD_MODE="${BNORM_BUILD:-always}"
 else
@@ -31,6 +37,19 @@ fi
 log() { echo "[setup_env] $*"; }
 
 cd "$ROOT"
+
+# What the build depends on: the content of every file it compiles or reads (csrc/ holds
+# .cpp/.cu/.h/.cuh and the .inc kernel bodies), setup.py, pyproject.toml and the build knobs.
+build_fingerprint() {
+  {
+    LC_ALL=C find csrc setup.py pyproject.toml -type f ! -name '*.md' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
+    echo "BNORM_EXT_CUDA=${BNORM_EXT_CUDA:-} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-} BNORM_EXT_DEBUG=${BNORM_EXT_DEBUG:-}"
+  } | sha256sum | cut -c1-16
+}
+if [[ "${1:-}" == "--fingerprint" ]]; then
+  build_fingerprint
+  exit 0
+fi
 
 # 1. venv ---------------------------------------------------------------------------------
 if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
@@ -45,7 +64,7 @@ PY="$VENV/bin/python"
 # 2. dependencies -------------------------------------------------------------------------
 DEPS_STAMP="$VENV/.bnorm_ext_deps"
 if [[ -f "$DEPS_STAMP" && "$(cat "$DEPS_STAMP")" == "${DEPS[*]}" ]] \
-   && "$PY" -c 'import torch, ninja, pybind11, pytest, numpy, torchvision, onnx, onnxscript, onnxruntime' >/dev/null 2>&1; then
+   && "$PY" -c 'import torch, ninja, pytest, numpy, torchvision, onnx, onnxscript, onnxruntime, matplotlib' >/dev/null 2>&1; then
   log "dependencies already installed (${DEPS[*]})"
 else
   log "pip install ${DEPS[*]}"
@@ -77,10 +96,8 @@ need_build() {
   esac
   [[ -f "$BUILD_STAMP" ]] || return 0
   (cd / && "$PY" -c 'import bnorm_ext') >/dev/null 2>&1 || return 0
-  # sources of the compiled extension (the Python files of an editable install need no build)
-  [[ -z "$(find csrc setup.py pyproject.toml -newer "$BUILD_STAMP" \
-            \( -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' -o -name 'setup.py' -o -name '*.toml' \) \
-            2>/dev/null | head -n 1)" ]] || return 0
+  # the Python files of an editable install need no build
+  [[ "$(cat "$BUILD_STAMP")" == "$(build_fingerprint)" ]] || return 0
   return 1
 }
 
@@ -89,8 +106,18 @@ if need_build; then
   log "building: MAX_JOBS=$MAX_JOBS pip install --no-build-isolation --no-deps -e .  (mode $BUILD_MODE)"
   start=$(date +%s)
   rm -f "$BUILD_STAMP"
-  "$PY" -m pip install --no-build-isolation --no-deps -e .
-  touch "$BUILD_STAMP"
+  # -v for ninja's "[done/total] command" lines, shortened to the source being compiled
+  set +e
+  "$PY" -m pip install -v --no-build-isolation --no-deps -e . >"$VENV/build.log" 2>&1 &
+  pip_pid=$!
+  tail -n +1 --pid="$pip_pid" -f "$VENV/build.log" \
+    | sed -un -E 's#^ *(\[[0-9]+/[0-9]+\]) .* -c [^ ]*(csrc/[^ ]+\.(cpp|cu)) .*#[setup_env] compiling \1 \2#p;
+                  s#^ *bnorm_ext: #[setup_env] #p'
+  wait "$pip_pid"
+  rc=$?
+  set -e
+  if [[ $rc != 0 ]]; then tail -n 40 "$VENV/build.log"; log "build failed (exit $rc); full log: $VENV/build.log"; exit 1; fi
+  build_fingerprint > "$BUILD_STAMP"
   log "build finished in $(( $(date +%s) - start )) s"
 else
   if [[ "$BUILD_MODE" == never ]]; then log "build skipped (BNORM_BUILD=never)"; else log "build up to date; set BNORM_BUILD=always to force a rebuild"; fi
