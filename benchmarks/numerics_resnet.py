@@ -27,7 +27,7 @@ import torch
 import bnorm_ext
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from conftest import bn_layer_cases, natural_images  # noqa: E402  (test-suite data helpers)
+from common_utils import bn_layer_cases, natural_images  # noqa: E402  (test-suite data helpers)
 
 ops = torch.ops.bnorm_ext
 EPS = 1e-5

@@ -11,7 +11,7 @@ from torch import nn
 from torch.autograd import forward_ad, gradcheck, gradgradcheck
 
 import bnorm_ext
-from conftest import (acc_dtype_for, devices, dtypes, memory_formats, misaligned_copy, randn_shifted,
+from common_utils import (acc_dtype_for, devices, dtypes, memory_formats, misaligned_copy, randn_shifted,
                       requires_cuda)
 
 ACTIVATIONS = ["identity", "relu", "leaky_relu", "silu"]

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import bnorm_ext
-from conftest import randn_shifted
+from common_utils import randn_shifted
 
 
 @pytest.fixture(autouse=True)

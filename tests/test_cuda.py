@@ -12,8 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
-from conftest import STEP_NAMES as NAMES
-from conftest import (check_parity, dtypes, max_abs_err, memory_formats, misaligned_copy, randn_shifted,
+from common_utils import STEP_NAMES as NAMES
+from common_utils import (check_parity, dtypes, max_abs_err, memory_formats, misaligned_copy, randn_shifted,
                       seeded_train_step)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")

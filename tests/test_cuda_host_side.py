@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import bnorm_ext
 from bnorm_ext import _C
-from conftest import devices, randn_shifted
+from common_utils import devices, randn_shifted
 
 ops = torch.ops.bnorm_ext
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bnorm_ext
-from conftest import devices
+from common_utils import devices
 
 
 def make_cnn(bn_cls):

@@ -19,7 +19,7 @@ from torch.autograd import forward_ad as fwAD
 from torch.func import functional_call, grad, jacfwd, jacrev, jvp, replace_all_batch_norm_modules_, vmap
 
 import bnorm_ext
-from conftest import randn_shifted
+from common_utils import randn_shifted
 
 modes = [pytest.param(True, id="train"), pytest.param(False, id="eval")]
 

@@ -19,7 +19,7 @@ from torch.fx.experimental.optimization import fuse as torch_fx_fuse
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 import bnorm_ext
-from conftest import make_bn_pair, randn_shifted, randomize_bn_
+from common_utils import make_bn_pair, randn_shifted, randomize_bn_
 
 HAS_ONNXRUNTIME = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 HAS_ONNXSCRIPT = importlib.util.find_spec("onnxscript") is not None

@@ -5,7 +5,7 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 
 import bnorm_ext
-from conftest import devices, memory_formats, randn_shifted
+from common_utils import devices, memory_formats, randn_shifted
 
 SHAPES = [
     pytest.param((2, 3, 3, 4), id="2x3x3x4"),

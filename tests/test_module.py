@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import bnorm_ext
-from conftest import devices, randn_shifted
+from common_utils import devices, randn_shifted
 
 PAIRS = [
     pytest.param(nn.BatchNorm1d, bnorm_ext.BatchNorm1d, (4, 3, 5), id="bn1d"),

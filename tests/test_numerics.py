@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import bnorm_ext
-from conftest import STEP_NAMES as NAMES
-from conftest import bn_layer_cases, max_abs_err, memory_formats, natural_images, seeded_train_step
+from common_utils import STEP_NAMES as NAMES
+from common_utils import bn_layer_cases, max_abs_err, memory_formats, natural_images, seeded_train_step
 
 ops = torch.ops.bnorm_ext
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import bnorm_ext  # noqa: F401  (registers the ops)
-from conftest import acc_dtype_for, devices, memory_formats, randn_shifted
+from common_utils import acc_dtype_for, devices, memory_formats, randn_shifted
 
 OP_NAMES = [
     "batch_norm_stats",

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import bnorm_ext
-from conftest import check_parity, devices, dtypes, lowp_dtypes, memory_formats, randn_shifted
+from common_utils import check_parity, devices, dtypes, lowp_dtypes, memory_formats, randn_shifted
 
 # ---------------------------------------------------------------------------
 # BatchNorm2d: device x dtype x memory format x shape

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bnorm_ext
-from conftest import (
+from common_utils import (
     acc_dtype_for,
     assert_same_strides,
     assert_state_unchanged,

@@ -35,7 +35,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
-from conftest import (  # noqa: E402
+from common_utils import (  # noqa: E402
     SEED,
     assert_matches,
     assert_same_strides,
