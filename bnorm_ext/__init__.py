@@ -8,10 +8,10 @@ import torch
 
 from . import _C  # noqa: F401  (registers the ops and their kernels)
 from . import _fake  # noqa: F401  (fake kernels for torch.compile / FakeTensor)
-from . import _onnx, fusion
+from . import _onnx, conv_bn_fusion
 from .functional import BatchNormFunction, batch_norm
 from .activation import BatchNormAct2d, batch_norm_act
-from .activation_fusion import fuse_activations
+from .fx_activation_fusion import fuse_activations
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -19,11 +19,11 @@ from .modules import (
     convert_batchnorm,
     revert_batchnorm,
 )
-from .fusion import fuse_conv_bn
+from .conv_bn_fusion import fuse_conv_bn
 from .sync_batchnorm import SyncBatchNorm
 
 _onnx.register()
-fusion.register()
+conv_bn_fusion.register()
 
 __version__ = "0.1.0"
 
@@ -59,6 +59,6 @@ def enable_inductor_fusion(enabled: bool = True) -> None:
     pass to torch._inductor.config.pre_grad_custom_pass after the passes
     already there; enabled=False removes it. Graphs without bnorm_ext ops are
     left unchanged."""
-    from . import _inductor_fusion  # NB: imports torch._inductor, so only when asked
+    from . import _inductor_activation_fusion  # NB: imports torch._inductor, so only when asked
 
-    _inductor_fusion.enable_inductor_fusion(enabled)
+    _inductor_activation_fusion.enable_inductor_fusion(enabled)

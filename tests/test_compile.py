@@ -366,7 +366,7 @@ class _Pattern(nn.Module):
 def _with_fusion_pass(graphs):
     # A torch.compile backend: the fusion pass on the Dynamo graph, which then
     # runs as it is (the ops' own autograd kernels; no Inductor).
-    from bnorm_ext._inductor_fusion import fuse_batch_norm_activations
+    from bnorm_ext._inductor_activation_fusion import fuse_batch_norm_activations
 
     def backend(gm, example_inputs):
         before = gm.code
@@ -438,7 +438,7 @@ def test_fusion_pass_leaves_torch_batchnorm_graphs_unchanged(name):
 def test_enable_inductor_fusion_chains_with_the_users_pre_grad_passes():
     from torch._inductor import config
 
-    from bnorm_ext._inductor_fusion import FUSION_PASS, BatchNormActivationFusion
+    from bnorm_ext._inductor_activation_fusion import FUSION_PASS, BatchNormActivationFusion
 
     def user_pass(graph):
         pass

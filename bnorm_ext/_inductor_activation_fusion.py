@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_custom_graph_passes, get_hash_for_files
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .activation_fusion import _activation_of, _residual_of
+from .fx_activation_fusion import _activation_of, _residual_of
 
 _OPS = torch.ops.bnorm_ext
 _TRAIN = (_OPS.batch_norm_forward_train, _OPS.batch_norm_forward_train.default)
