@@ -1,4 +1,4 @@
-#include "batch_norm_checks.h"
+#include "batch_norm_args.h"
 
 namespace bnorm_ext {
 

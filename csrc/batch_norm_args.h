@@ -1,4 +1,5 @@
-// Argument checks and layout decisions shared by every backend's kernels.
+// Argument handling shared by every backend: checks, layout decisions, operand preparation and
+// activation parsing.
 // Every check runs before any output or buffer is written, so a call that
 // raises leaves running statistics and num_batches_tracked untouched.
 #pragma once

@@ -17,7 +17,7 @@
 #include <string>
 #include <string_view>
 
-#include "../batch_norm_checks.h"
+#include "../batch_norm_args.h"
 #include "batch_norm_autograd_common.h"
 
 namespace bnorm_ext {
@@ -53,7 +53,7 @@ Tensor pre_activation(
     const Tensor& mean,
     const Tensor& invstd,
     const OptTensor& residual) {
-  const auto acc = acc_type(input);
+  const auto acc = acc_scalar_type(input.scalar_type());
   const int64_t dim = input.dim();
   Tensor z = (input.to(acc) - per_channel(mean.to(acc), dim)) * per_channel(invstd.to(acc), dim);
   if (given(weight)) {
@@ -113,7 +113,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_composite(
     bool need_grad_residual,
     Activation act,
     double negative_slope) {
-  const auto acc = acc_type(input);
+  const auto acc = acc_scalar_type(input.scalar_type());
   const Tensor g = grad_out.to(acc);
   const Tensor dz = activation_derivative_times(g, act, negative_slope, defined_or_empty(output), [&] {
     const Tensor mean = training ? *save_mean : *running_mean;
@@ -135,7 +135,7 @@ Tensor act_output_tangent(
     double negative_slope,
     const Tensor& output,
     const std::function<Tensor()>& z) {
-  Tensor z_t = bn_t.to(acc_type(output));
+  Tensor z_t = bn_t.to(acc_scalar_type(output.scalar_type()));
   if (residual_t.defined()) {
     z_t = z_t + residual_t.to(z_t.scalar_type());
   }
@@ -332,7 +332,7 @@ Tensor batch_norm_act_forward_eval_autograd(
     save_activation_inputs(*grad_fn, output, b, r);
   }
   if (any_tangent({input, w, b, r})) {
-    const Tensor invstd = at::rsqrt(primal(running_var).to(acc_type(input)) + eps);
+    const Tensor invstd = at::rsqrt(primal(running_var).to(acc_scalar_type(input.scalar_type())) + eps);
     const Tensor bn_t = std::get<0>(batch_norm_forward_jvp(
         primal(input), tangent(input), primal(w), tangent(w), tangent(b), primal(running_mean), invstd, false));
     const Tensor output_t = act_output_tangent(bn_t, tangent(r), act, negative_slope, output, [&] {

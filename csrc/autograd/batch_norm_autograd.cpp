@@ -9,6 +9,7 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include "../batch_norm_args.h"
 #include "batch_norm_autograd_common.h"
 
 #include <optional>
@@ -47,10 +48,6 @@ Tensor primal(const Tensor& t) {
   return t.defined() ? t._fw_primal(/*level=*/0) : Tensor();
 }
 
-at::ScalarType acc_type(const Tensor& input) {
-  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 Tensor per_channel(const Tensor& t, int64_t dim) {
   std::vector<c10::SymInt> shape(dim, 1);
   shape[1] = t.sym_numel();
@@ -85,7 +82,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_jvp(
     const Tensor& mean,
     const Tensor& invstd,
     bool training) {
-  const auto acc = acc_type(input);
+  const auto acc = acc_scalar_type(input.scalar_type());
   const int64_t dim = input.dim();
   const Tensor x = input.to(acc);
   const Tensor mean_c = per_channel(mean.to(acc), dim);
@@ -139,7 +136,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_composite(
     const OptTensor& save_invstd,
     bool training,
     double eps) {
-  const auto acc = acc_type(input);
+  const auto acc = acc_scalar_type(input.scalar_type());
   const int64_t dim = input.dim();
   const auto dims = reduce_dims(dim);
   const Tensor x = input.to(acc);
@@ -181,7 +178,7 @@ Tensor grad_input_from_stats(
     return Tensor();
   }
   // d mean / dx = 1 / M; d invstd / dx = -invstd^3 (x - mean) / M.
-  const auto acc = acc_type(input);
+  const auto acc = acc_scalar_type(input.scalar_type());
   const int64_t dim = input.dim();
   const c10::Scalar count = reduce_count(input);
   Tensor from_stats = at::zeros_like(input, acc);
@@ -326,7 +323,7 @@ Tensor batch_norm_forward_eval_autograd(
     grad_fn->invstd_or_var_ = SavedVariable(running_var, false);
   }
   if (any_tangent({input, w, b})) {
-    const Tensor invstd = at::rsqrt(primal(running_var).to(acc_type(input)) + eps);
+    const Tensor invstd = at::rsqrt(primal(running_var).to(acc_scalar_type(input.scalar_type())) + eps);
     auto output_t = std::get<0>(batch_norm_forward_jvp(
         primal(input), tangent(input), primal(w), tangent(w), tangent(b), primal(running_mean), invstd, false));
     output._set_fw_grad(output_t, /*level=*/0, /*is_inplace_op=*/false);

@@ -29,9 +29,6 @@ Tensor tangent(const Tensor& t);
 Tensor primal(const Tensor& t);
 bool any_tangent(std::initializer_list<Tensor> tensors);
 
-// float64 for float64 input, float32 otherwise.
-at::ScalarType acc_type(const Tensor& input);
-
 // [C] -> [1, C, 1, ...] to broadcast against an (N, C, *) tensor of `dim` dims.
 Tensor per_channel(const Tensor& t, int64_t dim);
 

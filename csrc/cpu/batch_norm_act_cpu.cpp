@@ -8,7 +8,7 @@
 #include <string_view>
 #include <type_traits>
 
-#include "../batch_norm_checks.h"
+#include "../batch_norm_args.h"
 #include "../batch_norm_math.h"
 #include "batch_norm_cpu.h"
 #include "batch_norm_cpu_loops.h"

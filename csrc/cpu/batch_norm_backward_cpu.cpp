@@ -4,7 +4,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include "../batch_norm_checks.h"
+#include "../batch_norm_args.h"
 #include "../batch_norm_math.h"
 #include "batch_norm_cpu.h"
 #include "batch_norm_cpu_loops.h"

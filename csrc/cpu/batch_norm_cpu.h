@@ -5,7 +5,7 @@
 
 #include <vector>
 
-#include "../batch_norm_checks.h"
+#include "../batch_norm_args.h"
 #include "../batch_norm_math.h"
 
 namespace bnorm_ext {

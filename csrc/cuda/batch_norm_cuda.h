@@ -5,7 +5,7 @@
 #include <ATen/Dispatch.h>
 
 
-#include "../batch_norm_checks.h"
+#include "../batch_norm_args.h"
 
 namespace bnorm_ext {
 namespace cuda {

@@ -16,7 +16,7 @@
 #include <limits>
 #include <type_traits>
 
-#include "../batch_norm_checks.h"
+#include "../batch_norm_args.h"
 #include "../batch_norm_math.h"
 
 namespace bnorm_ext {
