@@ -8,44 +8,50 @@
 #   bash benchmarks/gpu_check.sh 2 RESULTS_DIR   # about 4 minutes: compute-sanitizer, torch.compile tests
 #   bash benchmarks/gpu_check.sh --fingerprint   # the sources' fingerprint (build_for_device.sh records it)
 #
-# Call 1, in order (each step its own `timeout`, cut to what the call has left):
-#   import      the prebuilt library imports, the GPU's architecture is in its build
-#   smoke       benchmarks/cuda_smoke.py: every plain and fused op, every dtype and layout, on the
-#               single-read and the two-pass paths; each failure printed as it happens
-#   tests_cuda  tests/test_cuda.py (with the >2^31-element tests), test_cuda_host_side.py,
-#               test_build.py (SASS checks); torch.compile tests excluded (call 2)
-#   tests_act   the fused ops' CUDA tests (tests/test_batch_norm_act.py -k cuda)
-#   tests_opcheck  torch.library.opcheck of every op on CUDA (tests/test_opcheck.py -k cuda)
-#   bench       benchmarks/bench_quick.py: 3 ResNet-50 shapes x both layouts x float32, bfloat16,
-#               plain and fused ops, no torch.compile; CSV written row by row
-# Call 2:
-#   import      as above
-#   memcheck, racecheck, synccheck, initcheck
-#               compute-sanitizer over cuda_smoke.py --sanitizer (the reduced set); the smoke stops
-#               starting cases shortly before the step's limit so the tool still prints its summary
-#   compile     tests/test_cuda.py -k torch_compile (Conv-BN-ReLU-BN, default and reduce-overhead
-#               modes, both layouts: cold Inductor compiles with backward) WITHOUT a sanitizer:
-#               Inductor's compile and autotuning under a sanitizer do not fit the call
+# Call 1 (about 5 minutes):
+#   import         the prebuilt library imports, the GPU's architecture is in its build
+#   then three lanes side by side (separate processes on the one GPU; none of them is timed):
+#     smoke        benchmarks/cuda_smoke.py: every plain and fused op, every dtype and layout, on
+#                  the single-read and the two-pass paths; each failure printed as it happens
+#     tests_act    after the smoke: the fused ops' CUDA tests (tests/test_batch_norm_act.py -k cuda)
+#     tests_cuda   tests/test_cuda.py (with the >2^31-element tests), test_cuda_host_side.py,
+#                  test_build.py (SASS checks); the torch.compile tests are in call 2
+#     tests_opcheck  torch.library.opcheck of every op on CUDA (tests/test_opcheck.py -k cuda)
+#   bench          alone, last: benchmarks/bench_quick.py, 3 ResNet-50 shapes x both layouts x
+#                  float32, bfloat16, plain and fused ops, no torch.compile; CSV written row by row
+# Call 2 (about 4 minutes):
+#   import         as above
+#   then two lanes side by side:
+#     memcheck, racecheck, synccheck, initcheck, one after another: compute-sanitizer over
+#                  cuda_smoke.py --sanitizer (the reduced set), which starts no case shortly before
+#                  the step's limit so that the tool still prints its summary
+#     compile      tests/test_cuda.py -k torch_compile (Conv-BN-ReLU-BN, default and reduce-overhead
+#                  modes, both layouts: cold Inductor compiles with backward) WITHOUT a sanitizer:
+#                  Inductor's compiles under a sanitizer do not fit the call
 #
 # Budget. A call's steps share a deadline (STAGE_BUDGET_S: call 1 270 s, call 2 210 s, from the
-# script's start); each step is planned a share (below) and gets its share plus whatever the
-# steps before it left unused, never eating into the shares of the steps after it. Python
-# steps are stopped from inside shortly before their limit (cuda_smoke.py --stop-at, pytest
-# --stop-at from benchmarks/pytest_live_report.py) and then by `timeout -s INT` (pytest prints
-# its summary on SIGINT), then KILL 8 s later. Planned shares (s):
-#   call 1: import 25 | smoke 40 | tests_cuda 70 | tests_act 50 | tests_opcheck 35 | bench 45
-#   call 2: import 25 | memcheck 40 | racecheck 35 | synccheck 25 | initcheck 30 | compile 50
-# A call therefore ends within STAGE_BUDGET_S + about 10 s; give the machine's command a limit
-# of 300 s (call 1) and 240 s (call 2).
+# script's start). In a sequence of steps each is planned a share (s) and gets what is left less
+# the shares of the steps after it (so the time an early step leaves unused goes to the next):
+#   call 1: import 25 | lanes until 45 s before the deadline: smoke 50 + tests_act 150,
+#           tests_cuda 200, tests_opcheck 200 | bench 45 and what the lanes left
+#   call 2: import 25 | lanes until the deadline: memcheck 50 + racecheck 45 + synccheck 35 +
+#           initcheck 45, compile 175
+# Each step runs under `timeout -s INT` (pytest prints its summary on SIGINT), then KILL 8 s
+# later; before that the Python steps stop from inside: cuda_smoke.py --stop-at, and pytest's
+# --stop-at from benchmarks/pytest_live_report.py (which also prints each failure as it
+# happens). A call therefore ends within STAGE_BUDGET_S + about 10 s: give the machine's command
+# a limit of 300 s (call 1) and 240 s (call 2).
 # Measured without a GPU (a dry run on a 2-core machine, every GPU step failing fast or
-# skipping; see the numbers in the commit that last changed them): call 1 NN s, call 2 NN s.
+# skipping): call 1 NN s, call 2 NN s. Nothing of this has run on a GPU yet: the shares are
+# planned, not measured.
 #
-# Results, flat in RESULTS_DIR (at most 8 files, each well under 16 MiB; checked at the end):
-#   call 1: summary.txt setup.log smoke.log tests.log bench.log bench_quick.csv
+# Results, flat in RESULTS_DIR (at most 8 files, each under 16 MiB; checked at the end):
+#   call 1: summary.txt setup.log smoke.log tests_act.log tests_cuda.log tests_opcheck.log
+#           bench.log bench_quick.csv
 #   call 2: summary.txt setup.log sanitizer_memcheck.log sanitizer_racecheck.log
 #           sanitizer_synccheck.log sanitizer_initcheck.log compile.log
-# The summary (one screen: each step's status, seconds, failure count, first failures) is
-# printed last.
+# The summary (one screen: each step's status, seconds, failure count and progress, the first
+# failures) is printed last.
 #
 # Environment:
 #   PYTHON=python3          interpreter
@@ -78,6 +84,9 @@ if [[ "$stage" != 1 && "$stage" != 2 ]] || [[ -z "$out" ]]; then
 fi
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
+# this script's files from an earlier run in the same folder
+rm -f "$out"/{summary.txt,setup.log,smoke.log,tests_act.log,tests_cuda.log,tests_opcheck.log,bench.log,bench_quick.csv} \
+  "$out"/{sanitizer_memcheck.log,sanitizer_racecheck.log,sanitizer_synccheck.log,sanitizer_initcheck.log,compile.log}
 
 PY="${PYTHON:-python3}"
 PREBUILT="${BNORM_PREBUILT:-$ROOT/device_build}"
@@ -93,22 +102,51 @@ steps_table=()
 failure_lines=()
 library="not set up"
 
-# planned shares of the steps still to come after the current one (seconds)
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+# Steps run one after another, or in lanes side by side (lane). Within a sequence each step is
+# planned a share of seconds: the shares of the steps after it (reserved_after) are kept for them.
 declare -A share
-if [[ $stage == 1 ]]; then
-  plan=(import smoke tests_cuda tests_act tests_opcheck bench)
-  share=([import]=25 [smoke]=40 [tests_cuda]=70 [tests_act]=50 [tests_opcheck]=35 [bench]=45)
-else
-  plan=(import memcheck racecheck synccheck initcheck compile)
-  share=([import]=25 [memcheck]=40 [racecheck]=35 [synccheck]=25 [initcheck]=30 [compile]=50)
-fi
-reserved_after() {  # the shares of the planned steps after $1
+share=([import]=25 [smoke]=50 [tests_act]=150 [tests_cuda]=200 [tests_opcheck]=200 [bench]=45
+  [memcheck]=50 [racecheck]=45 [synccheck]=35 [initcheck]=45 [compile]=175)
+plan=()
+reserved_after() {  # the shares of the steps in $plan after $1
   local name=$1 seen=0 sum=0 s
   for s in "${plan[@]}"; do
     ((seen)) && sum=$((sum + share[$s]))
     [[ $s == "$name" ]] && seen=1
   done
   echo $sum
+}
+
+# lane ID FUNCTION: runs FUNCTION (its steps) in the background; join_lanes waits for every lane
+# and adds their rows to the summary, in the order the lanes were started.
+lane_ids=()
+lane_pids=()
+lane() {
+  local id=$1 fn=$2
+  (
+    steps_table=()
+    failure_lines=()
+    "$fn"
+    printf '%s\n' "${steps_table[@]}" >"$tmp/lane_$id.rows"
+    printf '%s\n' "${failure_lines[@]}" >"$tmp/lane_$id.fails"
+  ) &
+  lane_ids+=("$id")
+  lane_pids+=($!)
+}
+join_lanes() {
+  wait "${lane_pids[@]}"
+  local id rows
+  for id in "${lane_ids[@]}"; do
+    mapfile -t rows < <(grep -v '^$' "$tmp/lane_$id.rows" 2>/dev/null)
+    steps_table+=("${rows[@]}")
+    mapfile -t rows < <(grep -v '^$' "$tmp/lane_$id.fails" 2>/dev/null)
+    failure_lines+=("${rows[@]}")
+  done
+  lane_ids=()
+  lane_pids=()
 }
 
 # failures_of KIND FILE: the failure count and up to 3 first failures (one per line after the count)
@@ -172,7 +210,7 @@ step() {
   [[ $kind == pytest ]] && tail -n +"$((before + 1))" "$logfile" | grep -q 'time limit: no test starts' && status="partial"
   ((rc == 5)) && [[ $kind == pytest ]] && status="none-run"
   echo "=== $name: $status (rc $rc) after $took s" >>"$logfile"
-  local section=$out/.section
+  local section=$tmp/section_$name
   tail -n +"$((before + 1))" "$logfile" >"$section"
   local fails first
   mapfile -t fails < <(failures_of "$kind" "$section")
@@ -199,18 +237,30 @@ refuse() {
 # Puts the prebuilt bnorm_ext/_C*.so in place when it fits this machine; otherwise refuse().
 setup_library() {
   local log=$out/setup.log
+  local torch_here py_tag ext_suffix info
+  # one interpreter start for the versions (an import of torch takes seconds)
+  info=$("$PY" -c '
+import sys, sysconfig, torch
+try:
+    import pytest
+    pytest_version = pytest.__version__
+except ImportError:
+    pytest_version = "not installed"
+print(torch.__version__, f"cpython-{sys.version_info[0]}{sys.version_info[1]}", sysconfig.get_config_var("EXT_SUFFIX"))
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda, "| pytest", pytest_version)' 2>&1)
+  read -r torch_here py_tag ext_suffix <<<"$(head -n 1 <<<"$info")"
   {
     date -u
-    echo "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | head -n 1)"
-    "$PY" -c 'import sys, torch, pytest; print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda, "| pytest", pytest.__version__)' 2>&1 | tail -n 1
+    if command -v nvidia-smi >/dev/null; then
+      echo "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | head -n 1)"
+    else
+      echo "gpu: (no nvidia-smi)"
+    fi
+    tail -n 1 <<<"$info"
     echo "prebuilt: $PREBUILT"
     cat "$PREBUILT/build.txt" 2>&1
   } >>"$log" 2>&1
-  local torch_here py_tag ext_suffix
-  read -r torch_here py_tag ext_suffix < <("$PY" -c '
-import sys, sysconfig, torch
-print(torch.__version__, f"cpython-{sys.version_info[0]}{sys.version_info[1]}", sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)
-  [[ -n "$ext_suffix" ]] || refuse "$PY cannot import torch"
+  [[ "$ext_suffix" == .* ]] || refuse "$PY cannot import torch: $(tail -n 1 <<<"$info")"
   [[ -f "$PREBUILT/build.txt" ]] || refuse "no $PREBUILT/build.txt (make it with benchmarks/build_for_device.sh)"
   [[ "$(kv torch)" == "$torch_here" ]] || refuse "built for torch $(kv torch), this machine has $torch_here"
   [[ "$(kv python)" == "$py_tag" ]] || refuse "built for $(kv python), this machine has $py_tag"
@@ -224,6 +274,9 @@ print(torch.__version__, f"cpython-{sys.version_info[0]}{sys.version_info[1]}", 
   library="prebuilt, commit $(kv commit), $(kv built)"
   echo "library: $library" >>"$log"
   export BNORM_ARCHS="$(kv archs)"
+  local overall=$deadline
+  deadline=$((SECONDS + share[import] + kill_grace))
+  plan=(import)
   step import setup.log import "$PY" -c '
 import os, torch, bnorm_ext
 info = bnorm_ext.build_info()
@@ -242,6 +295,7 @@ if archs and not any(a.split("+")[0] == cc for a in archs):
 torch.ones(1, device="cuda").sum().item()
 '
   local rc=$?
+  deadline=$overall
   grep -q '^MISMATCH: ' "$log" && refuse "$(grep -m1 '^MISMATCH: ' "$log" | cut -c11-)"
   ((rc == 0)) || grep -q 'no CUDA device' "$log" || refuse "the prebuilt library does not import (see setup.log)"
   return 0
@@ -250,19 +304,43 @@ torch.ones(1, device="cuda").sum().item()
 pytest_args=(-q -p no:cacheprovider -p pytest_live_report --stop-at @STOP_AT@ -rfE --tb=short --durations=10
   --maxfail=100 -o addopts="")
 
-stage1() {
+# Call 1: import; then three lanes side by side: smoke then the fused ops' tests | the plain
+# ops' tests | opcheck; then the benchmark alone.
+lane_smoke_act() {
+  plan=(smoke tests_act)
   step smoke smoke.log smoke "$PY" benchmarks/cuda_smoke.py --stop-at @STOP_AT@
-  step tests_cuda tests.log pytest env BNORM_EXT_RUNSLOW=1 "$PY" -m pytest "${pytest_args[@]}" \
+  step tests_act tests_act.log pytest "$PY" -m pytest "${pytest_args[@]}" tests/test_batch_norm_act.py -k cuda
+}
+lane_cuda() {
+  plan=(tests_cuda)
+  step tests_cuda tests_cuda.log pytest env BNORM_EXT_RUNSLOW=1 "$PY" -m pytest "${pytest_args[@]}" \
     tests/test_cuda.py tests/test_cuda_host_side.py tests/test_build.py -k "not torch_compile"
-  step tests_act tests.log pytest "$PY" -m pytest "${pytest_args[@]}" tests/test_batch_norm_act.py -k cuda
-  step tests_opcheck tests.log pytest "$PY" -m pytest "${pytest_args[@]}" tests/test_opcheck.py -k cuda
+}
+lane_opcheck() {
+  plan=(tests_opcheck)
+  step tests_opcheck tests_opcheck.log pytest "$PY" -m pytest "${pytest_args[@]}" tests/test_opcheck.py -k cuda
+}
+stage1() {
+  local overall=$deadline
+  # the lanes end share[bench] before the call's deadline
+  deadline=$((overall - share[bench]))
+  # NB: three processes share the CPU cores (their CPU reference computations)
+  export OMP_NUM_THREADS=5
+  lane smoke_act lane_smoke_act
+  lane cuda lane_cuda
+  lane opcheck lane_opcheck
+  join_lanes
+  unset OMP_NUM_THREADS
+  deadline=$overall
+  plan=(bench)
   step bench bench.log bench "$PY" benchmarks/bench_quick.py --csv "$out/bench_quick.csv"
 }
 
-stage2() {
+# Call 2: import; then two lanes: the four sanitizers one after another | the torch.compile tests.
+lane_sanitizers() {
+  plan=(memcheck racecheck synccheck initcheck)
   local sanitizer
   sanitizer=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
-  { echo "compute-sanitizer: $sanitizer"; "$sanitizer" --version 2>&1 | tail -n 2; } >>"$out/setup.log" 2>&1
   # NB: no caching allocator, so an access past a tensor's end is outside any allocation
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1
   local filter=()
@@ -276,8 +354,19 @@ stage2() {
     step "$tool" "sanitizer_$tool.log" sanitizer "$sanitizer" --tool "$tool" "${f[@]}" --error-exitcode 3 \
       --print-limit 50 "$PY" benchmarks/cuda_smoke.py --sanitizer --stop-at @STOP_AT@ --progress-every 10
   done
-  unset PYTORCH_NO_CUDA_MEMORY_CACHING
+}
+lane_compile() {
+  plan=(compile)
   step compile compile.log pytest "$PY" -m pytest "${pytest_args[@]}" --progress-every 1 tests/test_cuda.py -k torch_compile
+}
+stage2() {
+  local sanitizer
+  sanitizer=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
+  { echo "compute-sanitizer: $sanitizer"; "$sanitizer" --version 2>&1 | tail -n 2; } >>"$out/setup.log" 2>&1
+  export OMP_NUM_THREADS=8
+  lane sanitizers lane_sanitizers
+  lane compile lane_compile
+  join_lanes
 }
 
 write_summary() {
