@@ -167,7 +167,7 @@ failures_of() {
 
 # the line of a step's output that says best how far it got
 progress_of() {
-  local kind=$1 f=$2 line
+  local kind=$1 f=$2 line=""
   case $kind in
     smoke|sanitizer) line=$(grep '^cuda_smoke' "$f" | tail -n 1) ;;
     pytest) line=$(grep -E '^-- (final|progress):|[0-9]+ (passed|failed|skipped|error)' "$f" | tail -n 1) ;;
@@ -199,8 +199,11 @@ step() {
     args+=("${a//@LIMIT@/$limit}")
   done
   local start=$SECONDS before
-  before=$(wc -l <"$logfile" 2>/dev/null || echo 0)
-  echo "=== $name: ${args[*]} (limit ${limit} s, started $(date -u +%H:%M:%S))" >>"$logfile"
+  : >>"$logfile"
+  before=$(wc -l <"$logfile")
+  local shown="${args[*]}"
+  shown=${shown//$'\n'/ }
+  echo "=== $name: ${shown:0:300} (limit ${limit} s, started $(date -u +%H:%M:%S))" >>"$logfile"
   timeout -s INT -k "$kill_grace" "$limit" "${args[@]}" >>"$logfile" 2>&1
   local rc=$?
   local took=$((SECONDS - start)) status=ok
@@ -374,7 +377,7 @@ write_summary() {
     echo "gpu_check call $stage, $(date -u +%Y-%m-%dT%H:%M:%SZ), $SECONDS s of $budget s planned"
     grep -m1 '^gpu: ' "$out/setup.log"
     grep -m1 '^python ' "$out/setup.log"
-    grep -m1 ' SMs, ' "$out/setup.log"
+    grep -m1 '^[^ ].*: sm_[0-9]*, [0-9]* SMs' "$out/setup.log"
     echo "library: $library"
     echo
     printf '%-14s %-8s %5s %6s  %s\n' step status time fails "progress / last line"
