@@ -57,7 +57,9 @@
 #   PYTHON=python3          interpreter
 #   BNORM_PREBUILT=DIR      the prebuilt library and its build.txt (default <repo>/device_build)
 #   STAGE_BUDGET_S          the call's deadline in seconds (defaults above)
-#   CUDA_HOME=/usr/local/cuda  (compute-sanitizer from $CUDA_HOME/bin when not on PATH)
+#   COMPUTE_SANITIZER=PATH  the compute-sanitizer (default: on PATH, else $CUDA_HOME/bin/compute-sanitizer;
+#                           the pip package nvidia-cuda-sanitizer-api has one in nvidia/cu13/bin)
+#   CUDA_HOME=/usr/local/cuda
 # A dry run without a GPU: build the library in place for the local torch, copy it with a
 # build.txt (torch=, python=, archs=, sources=$(bash benchmarks/gpu_check.sh --fingerprint))
 # into a folder and pass BNORM_PREBUILT=that-folder.
@@ -173,7 +175,7 @@ progress_of() {
     pytest) line=$(grep -E '^-- (final|progress):|[0-9]+ (passed|failed|skipped|error)' "$f" | tail -n 1) ;;
     bench) line=$(grep '^bench_quick' "$f" | tail -n 1) ;;
   esac
-  [[ -z "$line" ]] && line=$(grep -v '^\s*$\|^===' "$f" | tail -n 1)
+  [[ -z "$line" ]] && line=$(grep -v '^\s*$\|^=== ' "$f" | tail -n 1)
   echo "$line" | sed 's/^-- //' | cut -c1-70
 }
 
@@ -209,6 +211,7 @@ step() {
   local took=$((SECONDS - start)) status=ok
   ((rc == 124 || rc == 137)) && status=timeout
   ((rc != 0 && rc != 124 && rc != 137)) && status="rc=$rc"
+  ((rc == 126 || rc == 127)) && status="no-such-program"
   [[ $kind == smoke || $kind == sanitizer ]] && ((rc == 4)) && status=partial
   [[ $kind == pytest ]] && tail -n +"$((before + 1))" "$logfile" | grep -q 'time limit: no test starts' && status="partial"
   ((rc == 5)) && [[ $kind == pytest ]] && status="none-run"
@@ -343,7 +346,7 @@ stage1() {
 lane_sanitizers() {
   plan=(memcheck racecheck synccheck initcheck)
   local sanitizer
-  sanitizer=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
+  sanitizer=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")}
   # NB: no caching allocator, so an access past a tensor's end is outside any allocation
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1
   local filter=()
@@ -364,7 +367,7 @@ lane_compile() {
 }
 stage2() {
   local sanitizer
-  sanitizer=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
+  sanitizer=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")}
   { echo "compute-sanitizer: $sanitizer"; "$sanitizer" --version 2>&1 | tail -n 2; } >>"$out/setup.log" 2>&1
   export OMP_NUM_THREADS=8
   lane sanitizers lane_sanitizers
