@@ -158,20 +158,34 @@ class Case:
         return run
 
     def check(self):
-        """Fused vs torch (outputs) and vs bnorm_ext BN + torch ops (gradients), on one input copy."""
+        """Fused vs torch (outputs) and vs bnorm_ext BN + torch ops (gradients), on one input copy;
+        for 16-bit data the references run in float32 on the same (rounded) data."""
         state = {k: v.clone() for k, v in self.torch.state_dict().items()}
+        data = self.xs, self.rs, self.gs
+
+        def as_float(ts, grad):
+            return [t.detach().float().requires_grad_(grad) if t is not None else None for t in ts]
+
+        reference_data = data if self.dtype == torch.float32 else (
+            as_float(self.xs, True), as_float(self.rs, True), as_float(self.gs, False))
         for pass_ in PASSES:
             reference = "plain" if pass_ == "fwd+bwd" else "torch"
             results = []
-            for name in ("fused", reference):
+            for name, (self.xs, self.rs, self.gs) in (("fused", data), (reference, reference_data)):
                 self.modules[name].load_state_dict(state)  # same running statistics
                 self.i = 0
                 out = self.callable(name, pass_)()
                 results.append(out if isinstance(out, tuple) else (out,))
-            tol = 1e-4 if self.dtype == torch.float32 else 3e-2
+            self.xs, self.rs, self.gs = data
             for got, want in zip(*results):
                 assert got.isfinite().all(), f"{pass_}: non-finite values"
-                torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+                if self.dtype == torch.float32:
+                    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+                    continue
+                # NB: in 16-bit types many more BN outputs round to either side of 0 (see the
+                # module's docstring), so the check is on the relative error of the whole tensor
+                err = ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+                assert err <= 1e-2, f"{pass_}: relative error {err:.2e} > 1e-2 (shape {tuple(got.shape)})"
 
 
 def main(argv=None):

@@ -99,7 +99,8 @@ def fused_rows(shape, layout, pattern, dtype, device, timer, repeats, gen):
     numel = shape[0] * shape[1] * shape[2] * shape[3]
     elsize = torch.tensor([], dtype=dtype).element_size()
     try:
-        case = bench_act.Case(shape, layout, pattern, device, 3, False, gen, dtype=dtype)
+        case = bench_act.Case(shape, {"cl": "channels_last"}.get(layout, layout), pattern, device, 3, False, gen,
+                              dtype=dtype)
         case.check()
         failed = None
     except Exception as exc:
@@ -166,7 +167,7 @@ def main(argv=None):
                         n_rows += 1
                         n_bad += not ok
                         print(f"{row['dtype']:>8} {row['op']:>5} {row['pattern']:>11} {row['pass']:>7} "
-                              f"{row['layout'][:6]:>6} {row['shape']:>14} {row['ours_ms']:8.3f} {row['torch_ms']:8.3f} "
+                              f"{layout:>6} {row['shape']:>14} {row['ours_ms']:8.3f} {row['torch_ms']:8.3f} "
                               f"{row['ratio']:6.2f} {gbps:7.1f} {row['pct_floor']:6.1f}  {row['status']}", flush=True)
     print(f"bench_quick: {n_rows} rows, {n_bad} not timed (FAIL), {time.monotonic() - start:.0f} s", flush=True)
     return 1 if n_bad else 0
