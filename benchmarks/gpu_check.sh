@@ -41,9 +41,15 @@
 # --stop-at from benchmarks/pytest_live_report.py (which also prints each failure as it
 # happens). A call therefore ends within STAGE_BUDGET_S + about 10 s: give the machine's command
 # a limit of 300 s (call 1) and 240 s (call 2).
-# Measured without a GPU (a dry run on a 2-core machine, every GPU step failing fast or
-# skipping): call 1 NN s, call 2 NN s. Nothing of this has run on a GPU yet: the shares are
-# planned, not measured.
+# Measured 2026-12-08 without a GPU, on the 2-core CPU machine under load (other builds running),
+# torch 2.14.1, a CPU-only library given as BNORM_PREBUILT (every GPU step failed fast or skipped):
+# call 1 48 s wall (collecting the 1022 CUDA tests and running the 16 CPU-side ones), call 2 20 s;
+# a library that does not fit stops a call after 10 s. For scale, the CPU twins here:
+# cuda_smoke.py --device cpu 676 runs in 27 s (--sanitizer: 152 runs, 19 s), the fused ops' CPU
+# tests 147 in 16 s, opcheck's CPU cases 169 in 149 s (0.9 s each: the CUDA lane's 204 need
+# about that per test on the GPU machine's CPU, whose cores are faster and not shared). Test
+# counts: tests_cuda 341, tests_act 477, tests_opcheck 204, compile 4; cuda_smoke 676 runs
+# (--sanitizer 152). Nothing of this has run on a GPU yet: the shares are planned, not measured.
 #
 # Results, flat in RESULTS_DIR (at most 8 files, each under 16 MiB; checked at the end):
 #   call 1: summary.txt setup.log smoke.log tests_act.log tests_cuda.log tests_opcheck.log
