@@ -46,8 +46,8 @@
 # call 1 48 s wall (collecting the 1022 CUDA tests and running the 16 CPU-side ones), call 2 20 s;
 # a library that does not fit stops a call after 10 s. For scale, the CPU twins here:
 # cuda_smoke.py --device cpu 676 runs in 27 s (--sanitizer: 152 runs, 19 s), the fused ops' CPU
-# tests 147 in 16 s, opcheck's CPU cases 169 in 149 s (0.9 s each: the CUDA lane's 204 need
-# about that per test on the GPU machine's CPU, whose cores are faster and not shared). Test
+# tests 147 in 16 s, opcheck's CPU cases 169 in 149 s (0.9 s each; its 204 CUDA cases should
+# take no more each on the GPU machine, whose cores are faster and not shared). Test
 # counts: tests_cuda 341, tests_act 477, tests_opcheck 204, compile 4; cuda_smoke 676 runs
 # (--sanitizer 152). Nothing of this has run on a GPU yet: the shares are planned, not measured.
 #
