@@ -186,9 +186,9 @@ progress_of() {
 }
 
 # step NAME LOG KIND CMD...: runs CMD (output appended to $out/LOG) with a limit of what is left of
-# the call less the shares of the steps after it (at most its share plus what earlier steps left);
-# sets step_limit, step_stop_at (epoch seconds at which CMD should start no new work) for CMD's
-# arguments through the placeholders @LIMIT@ and @STOP_AT@; records status, time, failures.
+# the call less the shares of the steps after it; in CMD's arguments @LIMIT@ becomes that limit and
+# @STOP_AT@ the time (seconds since the epoch) after which CMD should start no new work; records
+# the status, time, failure count and first failures (failures_of KIND) in the summary table.
 step() {
   local name=$1 logfile=$out/$2 kind=$3
   shift 3
@@ -218,13 +218,15 @@ step() {
   ((rc == 124 || rc == 137)) && status=timeout
   ((rc != 0 && rc != 124 && rc != 137)) && status="rc=$rc"
   ((rc == 126 || rc == 127)) && status="no-such-program"
+  ((rc == 1)) && [[ $kind == smoke || $kind == pytest || $kind == bench ]] && status=failed
+  ((rc == 3)) && [[ $kind == sanitizer ]] && status=errors
   [[ $kind == smoke || $kind == sanitizer ]] && ((rc == 4)) && status=partial
   [[ $kind == pytest ]] && tail -n +"$((before + 1))" "$logfile" | grep -q 'time limit: no test starts' && status="partial"
   ((rc == 5)) && [[ $kind == pytest ]] && status="none-run"
   echo "=== $name: $status (rc $rc) after $took s" >>"$logfile"
   local section=$tmp/section_$name
   tail -n +"$((before + 1))" "$logfile" >"$section"
-  local fails first
+  local fails
   mapfile -t fails < <(failures_of "$kind" "$section")
   steps_table+=("$(printf '%-14s %-8s %4ss %6s  %s' "$name" "$status" "$took" "${fails[0]:--}" "$(progress_of "$kind" "$section")")")
   local f
