@@ -15,6 +15,8 @@ Timing as in those scripts (CUDA: events after an L2 flush, interleaved, median;
 perf_counter samples); each row is checked against torch first (a row that disagrees is
 written with status FAIL and not timed; the exit status is then 1). ratio = ours / torch
 (< 1: ours faster); GB/s and %floor from the pass's minimal traffic and the copy bandwidth.
+Exit status: 0 every row timed, 1 a row failed its check, 2 no CUDA device, 4 interrupted
+(SIGINT) with no failure.
 """
 
 import argparse
@@ -145,32 +147,42 @@ def main(argv=None):
     print(f"{'dtype':>8} {'op':>5} {'pattern':>11} {'pass':>7} {'layout':>6} {'shape':>14} "
           f"{'ours ms':>8} {'torch ms':>8} {'ratio':>6} {'GB/s':>7} {'%floor':>6}  status", flush=True)
     out = RowWriter(args.csv)
-    n_rows = n_bad = 0
+    counts = {"rows": 0, "bad": 0}
+    try:
+        run_rows(shapes, layouts, dtypes, device, timer, args.repeats, gen, copy_gbps, out, counts)
+        interrupted = ""
+    except KeyboardInterrupt:  # e.g. SIGINT from `timeout -s INT`: the rows so far are in the CSV
+        interrupted = " (interrupted)"
+    print(f"bench_quick: {counts['rows']} rows, {counts['bad']} not timed (FAIL), "
+          f"{time.monotonic() - start:.0f} s{interrupted}", flush=True)
+    return 1 if counts["bad"] else 4 if interrupted else 0
+
+
+def run_rows(shapes, layouts, dtypes, device, timer, repeats, gen, copy_gbps, out, counts):
+    """Times every row, writing each to `out` and the table as it is done; counts rows and failures."""
     for dtype in dtypes:
         for shape in shapes:
             for layout in layouts:
-                groups = [plain_rows(shape, layout, dtype, device, timer, args.repeats, gen)]
-                groups += [fused_rows(shape, layout, pattern, dtype, device, timer, args.repeats, gen)
+                groups = [plain_rows(shape, layout, dtype, device, timer, repeats, gen)]
+                groups += [fused_rows(shape, layout, pattern, dtype, device, timer, repeats, gen)
                            for pattern in ("relu", "add_relu")]
                 for group in groups:
                     for row, t0 in group:
                         ok = row["status"] == "ok"
+                        row.setdefault("ours_ms", float("nan"))
+                        row.setdefault("torch_ms", float("nan"))
                         gbps = row["floor_bytes"] / (row["ours_ms"] * 1e-3) / 1e9 if ok else float("nan")
                         row.update(device=device, dtype=str(dtype).split(".")[-1],
                                    layout=bench.LAYOUT_NAMES[layout], shape="x".join(map(str, shape)),
                                    ratio=row["ours_ms"] / row["torch_ms"] if ok else float("nan"),
                                    gbps=gbps, pct_floor=100 * gbps / copy_gbps, copy_gbps=copy_gbps,
-                                   repeats=args.repeats, seconds=time.monotonic() - t0)
-                        row.setdefault("ours_ms", float("nan"))
-                        row.setdefault("torch_ms", float("nan"))
+                                   repeats=repeats, seconds=time.monotonic() - t0)
                         out.write(row)
-                        n_rows += 1
-                        n_bad += not ok
+                        counts["rows"] += 1
+                        counts["bad"] += not ok
                         print(f"{row['dtype']:>8} {row['op']:>5} {row['pattern']:>11} {row['pass']:>7} "
                               f"{layout:>6} {row['shape']:>14} {row['ours_ms']:8.3f} {row['torch_ms']:8.3f} "
                               f"{row['ratio']:6.2f} {gbps:7.1f} {row['pct_floor']:6.1f}  {row['status']}", flush=True)
-    print(f"bench_quick: {n_rows} rows, {n_bad} not timed (FAIL), {time.monotonic() - start:.0f} s", flush=True)
-    return 1 if n_bad else 0
 
 
 if __name__ == "__main__":

@@ -358,13 +358,31 @@ def main():
     what = f"{args.device}{', sanitizer set' if args.sanitizer else ''}{', large' if args.large else ''}"
     print(f"cuda_smoke ({what}): {len(runs)} runs ({len(work[0])} plain-op and {len(work[1])} fused-op cases, "
           f"each on both paths)", flush=True)
-    done = 0
-    stopped = None
+    progress = {"done": 0}
+    try:
+        stopped = run_all(runs, args, failures, start, progress)
+    except KeyboardInterrupt:  # e.g. SIGINT from `timeout -s INT`: still say how far it got
+        stopped = "interrupted"
+    if args.device == "cuda" and stopped not in (FATAL, "interrupted"):
+        torch.cuda.synchronize()
+    done = progress["done"]
+    left = len(runs) - done
+    print(f"cuda_smoke ({what}): {done}/{len(runs)} runs, {len(failures)} failures, "
+          f"{time.monotonic() - start:.0f} s" + (f"; stopped: {stopped}, {left} runs not done" if stopped else ""),
+          flush=True)
+    return 1 if failures else 4 if left else 0
+
+
+FATAL = "a CUDA error left the context unusable"
+
+
+def run_all(runs, args, failures, start, progress):
+    """Runs each (fn, shape, dtype, memory_format, extras, path), counting them in progress["done"];
+    returns why it stopped early, or None."""
     for fn, shape, dtype, memory_format, extras, path in runs:
         if ((args.time_budget is not None and time.monotonic() - start > args.time_budget)
                 or (args.stop_at is not None and time.time() > args.stop_at)):
-            stopped = f"time limit, after {time.monotonic() - start:.0f} s"
-            break
+            return f"time limit, after {time.monotonic() - start:.0f} s"
         os.environ["BNORM_EXT_CUDA_SINGLE_READ"] = "1" if path == "single_read" else "0"
         try:
             fn(shape, dtype, memory_format, path, failures, device=args.device, **extras)
@@ -372,20 +390,13 @@ def main():
             tag = f"{fn.__name__} {'x'.join(map(str, shape))} {str(dtype).split('.')[-1]} {path} {extras}"
             failures.append(f"{tag}: raised {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
             if args.device == "cuda" and is_fatal_cuda_error(exc):
-                stopped = "a CUDA error left the context unusable"
-                done += 1
-                break
-        done += 1
-        if done % args.progress_every == 0:
-            print(f"cuda_smoke: {done}/{len(runs)} runs, {len(failures)} failures, "
+                progress["done"] += 1
+                return FATAL
+        progress["done"] += 1
+        if progress["done"] % args.progress_every == 0:
+            print(f"cuda_smoke: {progress['done']}/{len(runs)} runs, {len(failures)} failures, "
                   f"{time.monotonic() - start:.0f} s", flush=True)
-    if args.device == "cuda" and stopped != "a CUDA error left the context unusable":
-        torch.cuda.synchronize()
-    left = len(runs) - done
-    print(f"cuda_smoke ({what}): {done}/{len(runs)} runs, {len(failures)} failures, "
-          f"{time.monotonic() - start:.0f} s" + (f"; stopped: {stopped}, {left} runs not done" if stopped else ""),
-          flush=True)
-    return 1 if failures else 4 if left else 0
+    return None
 
 
 if __name__ == "__main__":

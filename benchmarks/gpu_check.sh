@@ -220,7 +220,7 @@ step() {
   ((rc == 126 || rc == 127)) && status="no-such-program"
   ((rc == 1)) && [[ $kind == smoke || $kind == pytest || $kind == bench ]] && status=failed
   ((rc == 3)) && [[ $kind == sanitizer ]] && status=errors
-  [[ $kind == smoke || $kind == sanitizer ]] && ((rc == 4)) && status=partial
+  [[ $kind == smoke || $kind == sanitizer || $kind == bench ]] && ((rc == 4)) && status=partial
   [[ $kind == pytest ]] && tail -n +"$((before + 1))" "$logfile" | grep -q 'time limit: no test starts' && status="partial"
   ((rc == 5)) && [[ $kind == pytest ]] && status="none-run"
   echo "=== $name: $status (rc $rc) after $took s" >>"$logfile"
