@@ -400,8 +400,9 @@ write_summary() {
     fi
     if [[ $stage == 1 && -f "$out/bench.log" ]]; then
       echo
-      awk '$2 == "plain" || $2 == "fused" {n[$1" "$2]++; if ($9 + 0 > 0) s[$1" "$2] += log($9)}
-           END {for (k in n) if (n[k]) printf "bench %-15s rows %3d  geomean ours/torch %.3f\n", k, n[k], exp(s[k] / n[k])}' \
+      awk '$2 == "plain" || $2 == "fused" {k = $1" "$2; n[k]++; if ($9 + 0 > 0) {s[k] += log($9); m[k]++}}
+           END {for (k in n) printf "bench %-15s rows %3d, timed %3d, geomean ours/torch %s\n", k, n[k], m[k],
+                                    m[k] ? sprintf("%.3f", exp(s[k] / m[k])) : "-"}' \
         "$out/bench.log" | sort
     fi
     if [[ $stage == 2 ]]; then
