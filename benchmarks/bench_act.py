@@ -95,8 +95,10 @@ class Fused(nn.Module):
 class Case:
     """One (shape, layout, pattern): modules with equal parameters and rotating inputs."""
 
-    def __init__(self, shape, layout, pattern, device, copies, with_compile, gen):
+    def __init__(self, shape, layout, pattern, device, copies, with_compile, gen, dtype=torch.float32):
+        # dtype: of the input, residual and gradients; parameters and running statistics float32
         _, residual, activation = PATTERNS[pattern]
+        self.dtype = dtype
         C = shape[1]
         fmt = LAYOUTS[layout]
         kw = dict(device=device)
@@ -120,8 +122,9 @@ class Case:
                 self.compiled["compile_" + mode] = torch.compile(m, dynamic=False)
 
         def data(scale, shift):
-            return [((torch.randn(shape, generator=gen) * scale + shift) * (1 + 0.01 * i))
-                    .to(device).contiguous(memory_format=fmt) for i in range(copies)]
+            # one random tensor, the copies scaled from it on the device (differ in value and address)
+            base = (torch.randn(shape, generator=gen) * scale + shift).to(device)
+            return [(base * (1 + 0.01 * i)).to(dtype).contiguous(memory_format=fmt) for i in range(copies)]
 
         self.xs = [x.requires_grad_() for x in data(3.0, 5.0)]
         self.rs = [r.requires_grad_() for r in data(1.0, 0.0)] if residual else [None] * copies
@@ -155,19 +158,34 @@ class Case:
         return run
 
     def check(self):
-        """Fused vs torch (outputs) and vs bnorm_ext BN + torch ops (gradients), on one input copy."""
+        """Fused vs torch (outputs) and vs bnorm_ext BN + torch ops (gradients), on one input copy;
+        for 16-bit data the references run in float32 on the same (rounded) data."""
         state = {k: v.clone() for k, v in self.torch.state_dict().items()}
+        data = self.xs, self.rs, self.gs
+
+        def as_float(ts, grad):
+            return [t.detach().float().requires_grad_(grad) if t is not None else None for t in ts]
+
+        reference_data = data if self.dtype == torch.float32 else (
+            as_float(self.xs, True), as_float(self.rs, True), as_float(self.gs, False))
         for pass_ in PASSES:
             reference = "plain" if pass_ == "fwd+bwd" else "torch"
             results = []
-            for name in ("fused", reference):
+            for name, (self.xs, self.rs, self.gs) in (("fused", data), (reference, reference_data)):
                 self.modules[name].load_state_dict(state)  # same running statistics
                 self.i = 0
                 out = self.callable(name, pass_)()
                 results.append(out if isinstance(out, tuple) else (out,))
+            self.xs, self.rs, self.gs = data
             for got, want in zip(*results):
                 assert got.isfinite().all(), f"{pass_}: non-finite values"
-                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+                if self.dtype == torch.float32:
+                    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+                    continue
+                # NB: in 16-bit types many more BN outputs round to either side of 0 (see the
+                # module's docstring), so the check is on the relative error of the whole tensor
+                err = ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+                assert err <= 1e-2, f"{pass_}: relative error {err:.2e} > 1e-2 (shape {tuple(got.shape)})"
 
 
 def main(argv=None):

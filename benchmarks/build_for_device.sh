@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Builds bnorm_ext._C here, for the device machine (H200 image: Python 3.12, torch
-# 2.11.0+cu130), into device_build/ (git-ignored): name that folder in the device
-# tool's `carry` and benchmarks/gpu_check.sh uses the library there instead of
-# building, when the device's torch version, Python tag and the sources match.
+# Builds bnorm_ext._C on this machine (no GPU needed) for a machine with a GPU (sm_90, Python
+# 3.12, torch 2.11.0+cu130) into device_build/ (git-ignored). Copy that folder along with the
+# checkout to the GPU machine: benchmarks/gpu_check.sh uses the library there, and refuses to
+# run (it never builds) unless the machine's torch version, its Python tag and the sources'
+# fingerprint (gpu_check.sh --fingerprint: every file under csrc/ and setup.py) match.
 #
 #   bash benchmarks/build_for_device.sh      # from anywhere; writes <repo>/device_build/
 #
@@ -97,4 +98,4 @@ cp "$OUT_DIR"/_C.*.so "$tmp/check/bnorm_ext/"
 
 ls -l "$OUT_DIR"
 cat "$OUT_DIR/build.txt"
-log "done in $((SECONDS - start)) s (build ${build_s} s); carry device_build/ and run: bash benchmarks/gpu_check.sh 1 \"\$OUT\""
+log "done in $((SECONDS - start)) s (build ${build_s} s); with device_build/ next to the checkout on the GPU machine, run: bash benchmarks/gpu_check.sh 1 RESULTS_DIR"

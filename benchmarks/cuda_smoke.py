@@ -10,9 +10,18 @@ non-zero on any mismatch.
     python benchmarks/cuda_smoke.py --large       # adds sizes that fill the GPU
     python benchmarks/cuda_smoke.py --sanitizer   # the reduced set the sanitizers run
     python benchmarks/cuda_smoke.py --device cpu  # dry run of the script itself (CPU vs CPU)
+    python benchmarks/cuda_smoke.py --time-budget 60   # start no case after 60 s (exit 4 if cut short;
+                                                       # --stop-at T: once time.time() > T)
 
-Every case runs on both training paths: the single-read kernel (where the
-input fits on chip) and the two-pass kernels (BNORM_EXT_CUDA_SINGLE_READ=0).
+Each failure is printed (flushed) as it happens, "FAIL <case> <what>: <why>", with a
+progress line every --progress-every runs, so a run that is killed still shows what failed.
+A case that raises counts as a failure and the others still run, unless the error left the
+CUDA context unusable. Exit status: 0 all passed, 1 failures, 2 no CUDA device, 4 no failures
+but the time budget left cases undone.
+
+Every case runs on both training paths, one after the other: the single-read
+kernel (where the input fits on chip) and the two-pass kernels
+(BNORM_EXT_CUDA_SINGLE_READ=0); the plain and the fused ops' cases alternate.
 On CUDA it first checks that the single-read kernels really launch for a small
 input (an instrumented run could lower occupancy and silently move everything
 to the two-pass kernels). --sanitizer still reaches every kernel family with
@@ -27,6 +36,7 @@ tensors.
 import argparse
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -291,36 +301,102 @@ def cases(args):
             yield (8, 64, 16, 16), torch.bfloat16, memory_format, {"misaligned": True}
 
 
+class Failures(list):
+    """The failures so far; each is printed (flushed) the moment it is recorded."""
+
+    def append(self, message):
+        super().append(message)
+        print("FAIL", message, flush=True)
+
+
+def interleave(*sequences):
+    """Round robin over the sequences (a run cut short has covered a bit of each)."""
+    iterators = [iter(s) for s in sequences]
+    while iterators:
+        for it in list(iterators):
+            try:
+                yield next(it)
+            except StopIteration:
+                iterators.remove(it)
+
+
+def is_fatal_cuda_error(exc):
+    """A CUDA error that leaves the context unusable (every later call would fail the same way)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return "AcceleratorError" in text or "CUDA error" in text or "illegal" in text
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--large", action="store_true", help="also sizes that fill the GPU")
     parser.add_argument("--sanitizer", action="store_true", help="the reduced set for compute-sanitizer")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                         help="cpu: a dry run of the script (CPU kernels against themselves)")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="S",
+                        help="start no case after S seconds; exit 4 if cases were left (1 if anything failed)")
+    parser.add_argument("--stop-at", type=float, default=None, metavar="T",
+                        help="start no case once time.time() has passed T (seconds since the epoch); as --time-budget")
+    parser.add_argument("--progress-every", type=int, default=25, metavar="N", help="a progress line every N runs")
     args = parser.parse_args()
+    start = time.monotonic()
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("cuda_smoke: no CUDA device", file=sys.stderr)
+        print("cuda_smoke: no CUDA device", file=sys.stderr, flush=True)
         return 2
     torch.manual_seed(0)
-    failures = []
+    failures = Failures()
     if args.device == "cuda":
-        check_single_read_launches(failures)
-    n = 0
-    for path in ("single_read", "two_pass"):
-        os.environ["BNORM_EXT_CUDA_SINGLE_READ"] = "1" if path == "single_read" else "0"
-        for shape, dtype, memory_format, extras in cases(args):
-            run_case(shape, dtype, memory_format, path, failures, device=args.device, **extras)
-            n += 1
-        for shape, dtype, memory_format, extras in act_cases(args):
-            run_act_case(shape, dtype, memory_format, path, failures, device=args.device, **extras)
-            n += 1
-    if args.device == "cuda":
+        try:
+            check_single_read_launches(failures)
+        except Exception as exc:
+            failures.append(f"single-read launch check raised {type(exc).__name__}: {exc}")
+            if is_fatal_cuda_error(exc):
+                return 1
+    # each case on both paths in turn, the plain and the fused ops' cases interleaved
+    work = [(run_case, *c) for c in cases(args)], [(run_act_case, *c) for c in act_cases(args)]
+    runs = [(fn, shape, dtype, memory_format, extras, path) for fn, shape, dtype, memory_format, extras
+            in interleave(*work) for path in ("single_read", "two_pass")]
+    what = f"{args.device}{', sanitizer set' if args.sanitizer else ''}{', large' if args.large else ''}"
+    print(f"cuda_smoke ({what}): {len(runs)} runs ({len(work[0])} plain-op and {len(work[1])} fused-op cases, "
+          f"each on both paths)", flush=True)
+    progress = {"done": 0}
+    try:
+        stopped = run_all(runs, args, failures, start, progress)
+    except KeyboardInterrupt:  # e.g. SIGINT from `timeout -s INT`: still say how far it got
+        stopped = "interrupted"
+    if args.device == "cuda" and stopped not in (FATAL, "interrupted"):
         torch.cuda.synchronize()
-    for f in failures:
-        print("FAIL", f)
-    print(f"cuda_smoke ({args.device}{', sanitizer set' if args.sanitizer else ''}{', large' if args.large else ''}): "
-          f"{n} cases, {len(failures)} failures")
-    return 1 if failures else 0
+    done = progress["done"]
+    left = len(runs) - done
+    print(f"cuda_smoke ({what}): {done}/{len(runs)} runs, {len(failures)} failures, "
+          f"{time.monotonic() - start:.0f} s" + (f"; stopped: {stopped}, {left} runs not done" if stopped else ""),
+          flush=True)
+    return 1 if failures else 4 if left else 0
+
+
+FATAL = "a CUDA error left the context unusable"
+
+
+def run_all(runs, args, failures, start, progress):
+    """Runs each (fn, shape, dtype, memory_format, extras, path), counting them in progress["done"];
+    returns why it stopped early, or None."""
+    for fn, shape, dtype, memory_format, extras, path in runs:
+        if ((args.time_budget is not None and time.monotonic() - start > args.time_budget)
+                or (args.stop_at is not None and time.time() > args.stop_at)):
+            return f"time limit, after {time.monotonic() - start:.0f} s"
+        os.environ["BNORM_EXT_CUDA_SINGLE_READ"] = "1" if path == "single_read" else "0"
+        try:
+            fn(shape, dtype, memory_format, path, failures, device=args.device, **extras)
+        except Exception as exc:  # a raising case is a failure; the others still run
+            tag = f"{fn.__name__} {'x'.join(map(str, shape))} {str(dtype).split('.')[-1]} {path} {extras}"
+            failures.append(f"{tag}: raised {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+            if args.device == "cuda" and is_fatal_cuda_error(exc):
+                progress["done"] += 1
+                return FATAL
+        progress["done"] += 1
+        if progress["done"] % args.progress_every == 0:
+            print(f"cuda_smoke: {progress['done']}/{len(runs)} runs, {len(failures)} failures, "
+                  f"{time.monotonic() - start:.0f} s", flush=True)
+    return None
 
 
 if __name__ == "__main__":
