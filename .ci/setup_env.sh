@@ -14,13 +14,14 @@
 #   PYTHON=python3.11      interpreter used to create the venv        (default python3)
 #   BNORM_BUILD=auto|always|never
 #                          auto: build when bnorm_ext does not import, or the build's inputs
-#                          (every file under csrc/, setup.py, pyproject.toml and the knobs below)
-#                          differ from the last build's; always: build every time
+#                          (every file under csrc/, setup.py and the knobs below) differ from
+#                          the last build's; always: build every time
 #                          (the default when CI=true); never: skip the build
 #   MAX_JOBS, TORCH_CUDA_ARCH_LIST, BNORM_EXT_CUDA, BNORM_EXT_DEBUG are passed to setup.py
 #   (CUDA kernels are built only for the GPUs present unless BNORM_EXT_CUDA=1; see setup.py).
 #
-#   bash .ci/setup_env.sh --fingerprint   prints the build inputs' fingerprint and exits
+#   bash .ci/setup_env.sh --fingerprint           prints the build inputs' fingerprint and exits
+#   bash .ci/setup_env.sh --sources-fingerprint   the same for the sources alone
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,14 +39,21 @@ log() { echo "[setup_env] $*"; }
 
 cd "$ROOT"
 
-# What the build depends on: the content of every file it compiles or reads (csrc/ holds
-# .cpp/.cu/.h/.cuh and the .inc kernel bodies), setup.py, pyproject.toml and the build knobs.
-build_fingerprint() {
-  {
-    LC_ALL=C find csrc setup.py pyproject.toml -type f ! -name '*.md' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
-    echo "BNORM_EXT_CUDA=${BNORM_EXT_CUDA:-} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-} BNORM_EXT_DEBUG=${BNORM_EXT_DEBUG:-}"
-  } | sha256sum | cut -c1-16
+# The sources the library is built from (every file under csrc/, and setup.py), as one short
+# hash, the same in every locale (LC_ALL=C: byte order of the paths); benchmarks/gpu_check.sh
+# compares it with the one a prebuilt library records.
+sources_fingerprint() {
+  (export LC_ALL=C; find csrc setup.py -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
 }
+# What a build depends on: the sources and the build knobs.
+build_fingerprint() {
+  echo "$(sources_fingerprint) BNORM_EXT_CUDA=${BNORM_EXT_CUDA:-} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-}" \
+    "BNORM_EXT_DEBUG=${BNORM_EXT_DEBUG:-}" | sha256sum | cut -c1-16
+}
+if [[ "${1:-}" == "--sources-fingerprint" ]]; then
+  sources_fingerprint
+  exit 0
+fi
 if [[ "${1:-}" == "--fingerprint" ]]; then
   build_fingerprint
   exit 0

@@ -75,9 +75,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 # The sources the library is built from (every file under csrc/, and setup.py), as one short
-# hash; the same in every locale (LC_ALL=C: byte order of the paths).
+# hash in any locale: the definition the set-up script's rebuild check uses.
 fingerprint() {
-  (export LC_ALL=C; find csrc setup.py -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
+  bash "$ROOT/.ci/setup_env.sh" --sources-fingerprint
 }
 if [[ "${1:-}" == "--fingerprint" ]]; then
   fingerprint

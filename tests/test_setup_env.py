@@ -50,9 +50,9 @@ def test_fingerprint_changes_with_every_compiled_source_kind(tree):
         assert _fingerprint(tree) == base
 
 
-def test_fingerprint_follows_build_knobs_and_ignores_docs(tree):
+def test_fingerprint_follows_build_knobs(tree):
     base = _fingerprint(tree)
     assert _fingerprint(tree, BNORM_EXT_CUDA="1") != base
     assert _fingerprint(tree, TORCH_CUDA_ARCH_LIST="9.0") != base
-    (tree / "csrc" / "NOTES.md").write_text("docs are not compiled\n")
+    assert _fingerprint(tree, BNORM_EXT_DEBUG="1") != base
     assert _fingerprint(tree) == base
