@@ -42,15 +42,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import gc
-import math
+import itertools
 import os
 import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Tuple
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import (  # noqa: E402
+    BUSY_WARN, BusyMeter, CudaTimer, copy_bandwidth, fmt, geomean, machine_description, parse_list, parse_shape,
+    progress, time_cpu, wait_quiet, write_ratio_plot,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -75,42 +82,12 @@ CUDA_DEFAULT_SHAPES = "32x64x112x112,32x256x56x56,32x512x28x28,32x1024x14x14,32x
 
 # Loose tolerances: the guard exists to refuse timing a broken kernel, not to test accuracy
 # (tests/ does that).
-# a row during which other processes used more than this fraction of the machine is flagged
-BUSY_WARN = 0.10
-
 TOL = {"float64": 1e-6, "float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2}
 
 
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
-
-
-def parse_shape(text: str) -> Tuple[int, ...]:
-    parts = [p for p in text.lower().replace("*", "x").split("x") if p]
-    try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad shape {text!r}: expected e.g. 16x64x56x56")
-    if len(shape) != 4 or min(shape) <= 0:
-        raise argparse.ArgumentTypeError(f"bad shape {text!r}: need 4 positive dims N x C x H x W")
-    return shape
-
-
-def parse_list(text: str, allowed: Sequence[str], what: str, aliases=None) -> List[str]:
-    out = []
-    for item in (t.strip().lower() for t in text.split(",")):
-        if not item:
-            continue
-        if aliases is not None:
-            item = aliases.get(item, item)
-        if item not in allowed:
-            raise SystemExit(f"unknown {what} {item!r}; choose from {', '.join(allowed)}")
-        if item not in out:
-            out.append(item)
-    if not out:
-        raise SystemExit(f"no {what} given")
-    return out
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -154,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", default=None,
                    help="CSV output path (default benchmarks/results/<device>_bench.csv; '' to skip)")
     p.add_argument("--plot", default=None,
-                   help="PNG plot path (default for cuda: benchmarks/results/cuda_bench.png; cpu: none). "
+                   help="PNG plot of the ratios (default benchmarks/results/<device>_bench.png; '' to skip). "
                         "Skipped when matplotlib is not installed.")
     p.add_argument("--no-compile", action="store_true", help="cuda: skip the torch.compile baseline")
     p.add_argument("--compile-mode", default="max-autotune",
@@ -207,8 +184,6 @@ class Row:
 
 def import_ours(which: str):
     """Return (module class factory, description)."""
-    import torch
-
     if which == "torch":
         return torch.nn.BatchNorm2d, f"torch.nn.BatchNorm2d (self-test: torch vs torch)"
     try:
@@ -225,7 +200,7 @@ def import_ours(which: str):
     return bnorm_ext.BatchNorm2d, f"bnorm_ext.BatchNorm2d from {os.path.dirname(bnorm_ext.__file__)}{info}"
 
 
-def make_modules(ours_cls, C: int, device, param_dtype, gen, torch):
+def make_modules(ours_cls, C: int, device, param_dtype, gen):
     """Torch reference and ours, with identical random parameters and buffers (float32 params,
     or float64 when the data is float64)."""
     # Parameters follow the API spec: input dtype, or float32 for float16/bfloat16 input.
@@ -240,7 +215,7 @@ def make_modules(ours_cls, C: int, device, param_dtype, gen, torch):
     return ref, ours
 
 
-def to_layout(t, layout: str, torch):
+def to_layout(t, layout: str):
     if layout == "cl":
         return t.contiguous(memory_format=torch.channels_last)
     return t.contiguous()
@@ -251,7 +226,7 @@ def to_layout(t, layout: str, torch):
 # --------------------------------------------------------------------------------------------
 
 
-def close(actual, expected, tol: float, what: str, torch):
+def close(actual, expected, tol: float, what: str):
     expected = expected.detach()
     actual = actual.detach()
     scale = float(expected.abs().max()) if expected.numel() else 1.0
@@ -263,7 +238,7 @@ def close(actual, expected, tol: float, what: str, torch):
         raise AssertionError(f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
 
 
-def guard(pass_: str, ref, ours, x, gout, tol: float, torch):
+def guard(pass_: str, ref, ours, x, gout, tol: float):
     """Run both once on the same data from the same state and compare. Raises on mismatch.
     The modules' states are restored afterwards."""
     ref_state = {k: v.clone() for k, v in ref.state_dict().items()}
@@ -273,20 +248,20 @@ def guard(pass_: str, ref, ours, x, gout, tol: float, torch):
             ref.eval(); ours.eval()
             with torch.no_grad():
                 y_ref, y_ours = ref(x), ours(x)
-            close(y_ours, y_ref, tol, "eval output", torch)
+            close(y_ours, y_ref, tol, "eval output")
             return
         ref.train(); ours.train()
         xr = x.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
         xo = x.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
         y_ref, y_ours = ref(xr), ours(xo)
-        close(y_ours, y_ref, tol, "train output", torch)
-        close(ours.running_mean, ref.running_mean, tol, "running_mean", torch)
-        close(ours.running_var, ref.running_var, tol, "running_var", torch)
+        close(y_ours, y_ref, tol, "train output")
+        close(ours.running_mean, ref.running_mean, tol, "running_mean")
+        close(ours.running_var, ref.running_var, tol, "running_var")
         if pass_ == "bwd":
             g_ref = torch.autograd.grad(y_ref, [xr, ref.weight, ref.bias], gout)
             g_ours = torch.autograd.grad(y_ours, [xo, ours.weight, ours.bias], gout)
             for name, a, b in zip(("grad_input", "grad_weight", "grad_bias"), g_ours, g_ref):
-                close(a, b, tol, name, torch)
+                close(a, b, tol, name)
     finally:
         ref.load_state_dict(ref_state)
         ours.load_state_dict(ours_state)
@@ -300,11 +275,10 @@ def guard(pass_: str, ref, ours, x, gout, tol: float, torch):
 class Rotating:
     """A zero-argument callable running one pass on input copy i, i+1, ... in turn."""
 
-    def __init__(self, pass_: str, mod, xs, gouts, torch):
+    def __init__(self, pass_: str, mod, xs, gouts):
         self.i = 0
         self.n = len(xs)
         self.pass_ = pass_
-        self.torch = torch
         self.mod = mod
         if pass_ == "eval":
             mod.eval()
@@ -322,7 +296,6 @@ class Rotating:
     def __call__(self):
         i = self.i
         self.i = (i + 1) % self.n
-        torch = self.torch
         if self.pass_ == "fwd":
             return self.mod(self.xs[i])
         if self.pass_ == "eval":
@@ -332,135 +305,11 @@ class Rotating:
 
 
 # --------------------------------------------------------------------------------------------
-# Timers
+# torch.compile baseline
 # --------------------------------------------------------------------------------------------
 
 
-class BusyMeter:
-    """CPU time used by *other* processes on this machine while we were timing, as a fraction
-    of the machine (Linux /proc/stat minus our own CPU time). Contention from other processes
-    makes multi-threaded CPU timings unreliable (a preempted OpenMP thread stalls a barrier)."""
-
-    def __init__(self):
-        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self.ncpu = os.cpu_count() or 1
-        self.start()
-
-    @staticmethod
-    def _busy_jiffies() -> Optional[int]:
-        try:
-            with open("/proc/stat") as f:
-                vals = [int(v) for v in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        # user nice system idle iowait irq softirq steal ...
-        return sum(vals[:3]) + sum(vals[5:8])
-
-    def start(self):
-        self.j0 = self._busy_jiffies()
-        t = os.times()
-        self.self0 = t.user + t.system
-        self.w0 = time.perf_counter()
-
-    def fraction(self) -> float:
-        j1 = self._busy_jiffies()
-        if j1 is None or self.j0 is None:
-            return float("nan")
-        t = os.times()
-        wall = time.perf_counter() - self.w0
-        if wall <= 0:
-            return float("nan")
-        others = (j1 - self.j0) / self.hz - (t.user + t.system - self.self0)
-        return max(0.0, others / (wall * self.ncpu))
-
-
-def wait_quiet(max_s: float, probe_s: float = 0.25):
-    """Wait (at most max_s) until other processes use less than BUSY_WARN of the machine."""
-    deadline = time.perf_counter() + max_s
-    while time.perf_counter() < deadline:
-        meter = BusyMeter()
-        time.sleep(probe_s)
-        f = meter.fraction()
-        if not f == f or f <= BUSY_WARN:
-            return
-
-
-def cpu_once(fn: Callable, number: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(number):
-        fn()
-    return (time.perf_counter() - t0) / number * 1e3
-
-
-def time_cpu(fns: Dict[str, Callable], repeats: int, warmup: int, min_sample_ms: float) -> Tuple[Dict[str, List[float]], int]:
-    names = list(fns)
-    for _ in range(max(warmup, 1)):
-        for n in names:
-            fns[n]()
-    # calibrate a common number of calls per sample
-    est = max(min(cpu_once(fns[n], 1) for _ in range(2)) for n in names)
-    number = max(1, int(math.ceil(min_sample_ms / max(est, 1e-6))))
-    samples: Dict[str, List[float]] = {n: [] for n in names}
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for r in range(repeats):
-            order = names if r % 2 == 0 else names[::-1]
-            for n in order:
-                samples[n].append(cpu_once(fns[n], number))
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return samples, number
-
-
-class CudaTimer:
-    def __init__(self, torch, flush_mb: int):
-        self.torch = torch
-        self.flush = torch.empty(flush_mb * (1 << 20) // 4, dtype=torch.float32, device="cuda")
-
-    def time(self, fns: Dict[str, Callable], repeats: int, warmup: int) -> Dict[str, List[float]]:
-        torch = self.torch
-        names = list(fns)
-        for _ in range(max(warmup, 1)):
-            for n in names:
-                fns[n]()
-        torch.cuda.synchronize()
-        events = {n: [] for n in names}
-        for r in range(repeats):
-            order = names if r % 2 == 0 else names[::-1]
-            for n in order:
-                self.flush.zero_()  # evict L2 (H100/H200 L2 is 50-60 MB; 256 MB by default)
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fns[n]()
-                end.record()
-                events[n].append((start, end))
-        torch.cuda.synchronize()
-        return {n: [s.elapsed_time(e) for s, e in events[n]] for n in names}
-
-
-def copy_bandwidth(device: str, torch, flush_timer: Optional[CudaTimer], repeats: int) -> float:
-    """Device copy bandwidth in GB/s (read + write), via dst.copy_(src) on a large buffer.
-    CPU: best of `repeats` copies after waiting briefly for a quiet machine (a peak figure:
-    contention only ever lowers it). CUDA: median of >= 20 event-timed copies, L2 flushed."""
-    nbytes = (256 << 20) if device == "cuda" else (128 << 20)
-    src = torch.randn(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    fn = lambda: dst.copy_(src)  # noqa: E731
-    if device == "cuda":
-        ms = statistics.median(flush_timer.time({"copy": fn}, max(repeats, 20), 3)["copy"])
-    else:
-        wait_quiet(2.0)
-        for _ in range(2):
-            fn()
-        ms = min(cpu_once(fn, 1) for _ in range(max(repeats, 5)))
-    del src, dst
-    return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
-def make_compiled(torch, mode: str = "max-autotune"):
+def make_compiled(mode: str = "max-autotune"):
     """torch.compile(F.batch_norm, mode=mode) wrapped as a BatchNorm2d module."""
     import torch.nn.functional as F
 
@@ -487,14 +336,6 @@ def make_compiled(torch, mode: str = "max-autotune"):
 # --------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------
-
-
-def fmt(v: float, nd: int = 3) -> str:
-    if v != v:  # nan
-        return "-"
-    if abs(v) >= 1000:
-        return f"{v:.0f}"
-    return f"{v:.{nd}f}"
 
 
 def print_table(rows: List[Row], with_compile: bool, copy_gbps: float):
@@ -526,23 +367,6 @@ def print_table(rows: List[Row], with_compile: bool, copy_gbps: float):
         print(render(l))
 
 
-def geomean(vals: List[float]) -> float:
-    vals = [v for v in vals if v == v and v > 0]
-    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else float("nan")
-
-
-def write_rows_csv(path: str, rows: List[Dict], digits: int, fields: Optional[List[str]] = None):
-    """Rows (dicts) as CSV at path, floats with `digits` decimals; fields: the columns (default:
-    the first row's keys)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields or list(rows[0]))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.{digits}f}" if isinstance(v, float) else v) for k, v in r.items()})
-    print(f"CSV written to {path}")
-
-
 def write_csv(path: str, rows: List[Row], meta: Dict[str, str], copy_gbps: float):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fields = ["device", "dtype", "threads", "pass", "layout", "N", "C", "H", "W", "numel", "floor_bytes",
@@ -569,34 +393,15 @@ def write_csv(path: str, rows: List[Row], meta: Dict[str, str], copy_gbps: float
 
 
 def write_plot(path: str, rows: List[Row], with_compile: bool, title: str):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
-        print(f"(matplotlib not installed: plot {path} skipped)")
-        return
+    """Ratio bar chart PNG of the timed rows (ours / torch eager, and / torch.compile when timed)."""
     ok = [r for r in rows if r.ok]
     if not ok:
         return
     labels = [f"{r.pass_} {LAYOUT_NAMES[r.layout]}\n{'x'.join(map(str, r.shape))}" for r in ok]
-    xs = list(range(len(ok)))
-    fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(ok)), 5))
-    width = 0.4 if with_compile else 0.6
-    ax.bar([x - (width / 2 if with_compile else 0) for x in xs], [r.ratio for r in ok], width, label="ours / torch eager")
+    series = {"ours / torch eager": [r.ratio for r in ok]}
     if with_compile:
-        ax.bar([x + width / 2 for x in xs], [r.ratio_compile for r in ok], width, label="ours / torch.compile")
-    ax.axhline(1.0, color="k", linewidth=0.8)
-    ax.set_xticks(xs)
-    ax.set_xticklabels(labels, rotation=90, fontsize=7)
-    ax.set_ylabel("time ratio (< 1: ours faster)")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"plot written to {path}")
+        series["ours / torch.compile"] = [r.ratio_compile for r in ok]
+    write_ratio_plot(path, labels, series, title)
 
 
 # --------------------------------------------------------------------------------------------
@@ -607,8 +412,6 @@ def write_plot(path: str, rows: List[Row], with_compile: bool, title: str):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     t_start = time.perf_counter()
-
-    import torch
 
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -642,12 +445,12 @@ def main(argv=None) -> int:
 
     ours_cls, ours_desc = import_ours(args.ours)
     with_compile = device == "cuda" and not args.no_compile
-    compiled_cls = make_compiled(torch, args.compile_mode) if with_compile else None
-    timer = CudaTimer(torch, args.flush_mb) if device == "cuda" else None
+    compiled_cls = make_compiled(args.compile_mode) if with_compile else None
+    timer = CudaTimer(args.flush_mb) if device == "cuda" else None
 
-    copy_gbps = copy_bandwidth(device, torch, timer, 10)
+    copy_gbps = copy_bandwidth(device, timer, 10)
 
-    dev_desc = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    dev_desc = machine_description(device)
     print(f"bnorm_ext benchmark: device={device} ({dev_desc}) torch={torch.__version__} "
           f"threads={torch.get_num_threads()} dtype={args.dtype} python={platform.python_version()}")
     print(f"ours: {ours_desc}")
@@ -659,6 +462,8 @@ def main(argv=None) -> int:
     print()
 
     gen = torch.Generator().manual_seed(args.seed)
+    row_numbers = itertools.count(1)  # progress: rows begun, of rows_total
+    rows_total = len(shapes) * len(layouts) * len(passes)
 
     def measure(shape, layout, pass_list) -> List[Row]:
         """Guard and time `pass_list` on one (shape, layout); returns one Row per pass."""
@@ -668,15 +473,17 @@ def main(argv=None) -> int:
         # data shared by every pass of this (shape, layout); the copies differ in value and address
         base_x = torch.randn(shape, generator=gen) * 2 + 0.5
         base_g = torch.randn(shape, generator=gen)
-        xs = [to_layout((base_x + 0.01 * i).to(device=device, dtype=dtype), layout, torch) for i in range(copies)]
-        gouts = [to_layout((base_g * (1 + 0.01 * i)).to(device=device, dtype=dtype), layout, torch) for i in range(copies)]
+        xs = [to_layout((base_x + 0.01 * i).to(device=device, dtype=dtype), layout) for i in range(copies)]
+        gouts = [to_layout((base_g * (1 + 0.01 * i)).to(device=device, dtype=dtype), layout) for i in range(copies)]
         del base_x, base_g
         for pass_ in pass_list:
             row = Row(pass_, layout, shape, numel, FLOOR_FACTOR[pass_] * numel * xs[0].element_size())
             out.append(row)
-            ref, ours = make_modules(ours_cls, C, device, param_dtype, gen, torch)
+            progress(next(row_numbers), rows_total, f"{pass_} {LAYOUT_NAMES[layout]} {'x'.join(map(str, shape))}"
+                     f"{' (compiling the torch.compile baseline)' if with_compile else ''}")
+            ref, ours = make_modules(ours_cls, C, device, param_dtype, gen)
             try:
-                guard(pass_, ref, ours, xs[0], gouts[0], tol, torch)
+                guard(pass_, ref, ours, xs[0], gouts[0], tol)
             except AssertionError as exc:
                 row.status = "FAIL"
                 print(f"!! {pass_} {LAYOUT_NAMES[layout]} {shape}: ours disagrees with torch, not timed:\n"
@@ -687,16 +494,13 @@ def main(argv=None) -> int:
                 print(f"!! {pass_} {LAYOUT_NAMES[layout]} {shape}: {type(exc).__name__}: "
                       f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}", file=sys.stderr)
                 continue
-            fns = {"torch": Rotating(pass_, ref, xs, gouts, torch),
-                   "ours": Rotating(pass_, ours, xs, gouts, torch)}
-            if device == "cuda":
-                print(f"  {pass_} {LAYOUT_NAMES[layout]} {'x'.join(map(str, shape))}"
-                      f"{' (compiling the torch.compile baseline)' if with_compile else ''}", file=sys.stderr, flush=True)
+            fns = {"torch": Rotating(pass_, ref, xs, gouts),
+                   "ours": Rotating(pass_, ours, xs, gouts)}
             if with_compile:
                 comp = compiled_cls(C, device=device, dtype=param_dtype)
                 comp.load_state_dict(ref.state_dict())
                 try:
-                    fns["compile"] = Rotating(pass_, comp, xs, gouts, torch)
+                    fns["compile"] = Rotating(pass_, comp, xs, gouts)
                     for _ in range(2):
                         fns["compile"]()
                 except Exception as exc:
@@ -733,6 +537,7 @@ def main(argv=None) -> int:
             break
         print(f"({len(busy)} row(s) timed while other processes used the CPUs: retry {attempt + 1}/{args.retries})")
         wait_quiet(args.quiet_wait)
+        row_numbers, rows_total = itertools.count(1), len(busy)
         for i in busy:
             if time.perf_counter() > retry_deadline:
                 break
@@ -744,7 +549,7 @@ def main(argv=None) -> int:
                 rows[i] = new
 
     if device == "cpu":
-        copy_gbps = max(copy_gbps, copy_bandwidth(device, torch, timer, 10))
+        copy_gbps = max(copy_gbps, copy_bandwidth(device, timer, 10))
     print_table(rows, with_compile, copy_gbps)
     print()
     print("geomean ratio (ours/torch, < 1: ours faster):")
@@ -767,8 +572,7 @@ def main(argv=None) -> int:
     if csv_path:
         write_csv(csv_path, rows, meta, copy_gbps)
         print(f"\nCSV written to {os.path.relpath(csv_path)}")
-    plot_path = args.plot if args.plot is not None else (
-        os.path.join(HERE, "results", "cuda_bench.png") if device == "cuda" else "")
+    plot_path = args.plot if args.plot is not None else os.path.join(HERE, "results", f"{device}_bench.png")
     if plot_path:
         write_plot(plot_path, rows, with_compile, f"bnorm_ext vs torch ({device}, {args.dtype})")
 

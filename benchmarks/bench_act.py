@@ -17,8 +17,8 @@ Columns    fused    bnorm_ext.BatchNormAct2d (one op forward, one op backward)
            compile  the same torch module under torch.compile (default mode, dynamic=False)
 
 Measurement: warm-up, then ours and the baselines interleaved per repeat (alternating order),
-input copies rotated; CPU samples last >= --min-sample-ms (bench.time_cpu), CUDA samples are
-single calls bracketed by CUDA events after an L2 flush (bench.CudaTimer). Figures are medians;
+input copies rotated; CPU samples last >= --min-sample-ms (harness.time_cpu), CUDA samples are
+single calls bracketed by CUDA events after an L2 flush (harness.CudaTimer). Figures are medians;
 ratio = fused / baseline (< 1: fused faster).
 Traffic floor per element of size s, r = 1 with a residual: fwd (3 + r)s (x read for the
 statistics and to normalize, residual read, y written), eval (2 + r)s, fwd+bwd (10 + 2r)s (the
@@ -33,7 +33,6 @@ opposite sides, and the ReLU mask (so the gradient) differs there.
 import argparse
 import contextlib
 import os
-import platform
 import statistics
 import sys
 
@@ -42,7 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import BusyMeter, CudaTimer, copy_bandwidth, parse_shape, time_cpu, write_rows_csv  # noqa: E402
+from harness import (  # noqa: E402
+    BusyMeter, CudaTimer, copy_bandwidth, machine_description, parse_shape, progress, time_cpu, write_rows_csv,
+)
 
 import bnorm_ext  # noqa: E402
 
@@ -226,11 +227,11 @@ def main(argv=None):
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(cfg, name):
                 setattr(cfg, name, max(getattr(cfg, name), 64))
-    timer = CudaTimer(torch, 256) if device == "cuda" else None
-    copy_gbps = copy_bandwidth(device, torch, timer, 10)
+    timer = CudaTimer(256) if device == "cuda" else None
+    copy_gbps = copy_bandwidth(device, timer, 10)
     gen = torch.Generator().manual_seed(args.seed)
 
-    dev = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    dev = machine_description(device)
     print(f"bnorm_ext fused BN+act benchmark: device={device} ({dev}) torch={torch.__version__} "
           f"threads={torch.get_num_threads()} float32; median ms of {repeats} interleaved samples; "
           f"copy bandwidth {copy_gbps:.1f} GB/s")
@@ -239,6 +240,7 @@ def main(argv=None):
     head += f" {'/torch':>7}" + (f" {'/compile':>8}" if with_compile else "") + f" {'GB/s':>7} {'%floor':>6} {'busy':>5}"
     print(head)
     rows = []
+    rows_total, row_number = len(shapes) * len(layouts) * len(patterns) * len(passes), 0
     for shape in shapes:
         numel = shape[0] * shape[1] * shape[2] * shape[3]
         for layout in layouts:
@@ -247,6 +249,8 @@ def main(argv=None):
                 case = Case(shape, layout, pattern, device, max(1, args.copies), with_compile, gen)
                 case.check()
                 for pass_ in passes:
+                    row_number += 1
+                    progress(row_number, rows_total, f"{pass_} {layout} {label} {'x'.join(map(str, shape))}")
                     fns = {c: case.callable(c, pass_) for c in cols}
                     if device == "cuda":
                         samples = timer.time(fns, repeats, 5)

@@ -32,7 +32,6 @@ time in whichever op touches them first.
 import argparse
 import copy
 import os
-import platform
 import statistics
 import sys
 import time
@@ -46,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import BusyMeter, write_rows_csv  # noqa: E402
+from harness import BusyMeter, interleaved, machine_description, progress, write_rows_csv  # noqa: E402
 
 import bnorm_ext  # noqa: E402
 
@@ -104,7 +103,7 @@ def time_group(fns, repeats, number, device):
     samples = {n: [] for n in names}
     faults = {n: 0 for n in names}
     for r in range(repeats):
-        for n in (names if r % 2 == 0 else names[::-1]):
+        for n in interleaved(names, r):
             sync(device)
             f0 = minor_faults()
             t0 = time.perf_counter()
@@ -200,13 +199,14 @@ def main(argv=None):
         if hasattr(cfg, name):
             setattr(cfg, name, max(getattr(cfg, name), 64))
 
-    dev = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    dev = machine_description(device)
     print(f"bnorm_ext model benchmark: device={device} ({dev}) torch={torch.__version__} threads={torch.get_num_threads()} "
           f"batch {args.batch} {args.size}x{args.size} float32{' channels_last' if args.channels_last else ''}; "
           f"median ms per call of {repeats} interleaved rounds")
     print(f"{'model':>9} {'workload':>8} {'mode':>8} " + " ".join(f"{v:>10}" for v in VARIANTS)
           + f" {'conv/torch':>10} {'fused/torch':>11} {'busy':>5}  page faults per call")
     rows, profiles = [], []
+    rows_total, row_number = len(models) * len(modes) * len(workloads), 0
     gen = torch.Generator().manual_seed(args.seed)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     for name in models:
@@ -223,6 +223,8 @@ def main(argv=None):
             print(f"  ({name} {mode}: checked{' and compiled' if mode == 'compile' else ''} in "
                   f"{time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
             for workload in workloads:
+                row_number += 1
+                progress(row_number, rows_total, f"{name} {workload} {mode}")
                 if workload == "train":
                     fns = {v: (lambda r=r: r.train_step(x, target)) for v, r in runners.items()}
                 else:

@@ -20,7 +20,6 @@ Exit status: 0 every row timed, 1 a row failed its check, 2 no CUDA device, 4 in
 """
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -30,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
+import harness  # noqa: E402
 import bench_act  # noqa: E402
 
 import bnorm_ext  # noqa: E402
@@ -41,29 +41,12 @@ FIELDS = ["device", "dtype", "op", "pattern", "pass", "layout", "shape", "ours_m
           "floor_bytes", "gbps", "pct_floor", "copy_gbps", "repeats", "status", "seconds"]
 
 
-class RowWriter:
-    """CSV rows appended one at a time, flushed after each."""
-
-    def __init__(self, path):
-        self.file = open(path, "w", newline="") if path else None
-        self.writer = csv.DictWriter(self.file, fieldnames=FIELDS) if self.file else None
-        if self.writer:
-            self.writer.writeheader()
-            self.file.flush()
-
-    def write(self, row):
-        if self.writer:
-            self.writer.writerow({k: (f"{v:.5f}" if isinstance(v, float) else v) for k, v in row.items()})
-            self.file.flush()
-            os.fsync(self.file.fileno())
-
-
 def timed(fns, device, timer, repeats):
     """Median ms per callable."""
     if device == "cuda":
         samples = timer.time(fns, repeats, 3)
     else:
-        samples, _ = bench.time_cpu(fns, repeats, 1, 2.0)
+        samples, _ = harness.time_cpu(fns, repeats, 1, 2.0)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
@@ -73,23 +56,23 @@ def plain_rows(shape, layout, dtype, device, timer, repeats, gen):
     param_dtype = torch.float32
     base_x = (torch.randn(shape, generator=gen) * 2 + 0.5).to(device)
     base_g = torch.randn(shape, generator=gen).to(device)
-    xs = [bench.to_layout((base_x + 0.01 * i).to(dtype), layout, torch) for i in range(3)]
-    gs = [bench.to_layout((base_g * (1 + 0.01 * i)).to(dtype), layout, torch) for i in range(3)]
+    xs = [bench.to_layout((base_x + 0.01 * i).to(dtype), layout) for i in range(3)]
+    gs = [bench.to_layout((base_g * (1 + 0.01 * i)).to(dtype), layout) for i in range(3)]
     del base_x, base_g
     numel = xs[0].numel()
     for pass_ in ("fwd", "bwd", "eval"):
         t0 = time.monotonic()
         row = dict(op="plain", pattern="BN", **{"pass": pass_},
                    floor_bytes=bench.FLOOR_FACTOR[pass_] * numel * xs[0].element_size())
-        ref, ours = bench.make_modules(bnorm_ext.BatchNorm2d, C, device, param_dtype, gen, torch)
+        ref, ours = bench.make_modules(bnorm_ext.BatchNorm2d, C, device, param_dtype, gen)
         try:
-            bench.guard(pass_, ref, ours, xs[0], gs[0], bench.TOL[str(dtype).split(".")[-1]], torch)
+            bench.guard(pass_, ref, ours, xs[0], gs[0], bench.TOL[str(dtype).split(".")[-1]])
         except Exception as exc:
             row["status"] = f"FAIL {type(exc).__name__}: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''}"
             yield row, t0
             continue
-        ms = timed({"ours": bench.Rotating(pass_, ours, xs, gs, torch),
-                    "torch": bench.Rotating(pass_, ref, xs, gs, torch)}, device, timer, repeats)
+        ms = timed({"ours": bench.Rotating(pass_, ours, xs, gs),
+                    "torch": bench.Rotating(pass_, ref, xs, gs)}, device, timer, repeats)
         row.update(ours_ms=ms["ours"], torch_ms=ms["torch"], status="ok")
         yield row, t0
 
@@ -135,18 +118,18 @@ def main(argv=None):
     if device == "cuda" and not torch.cuda.is_available():
         print("bench_quick: no CUDA device", file=sys.stderr, flush=True)
         return 2
-    shapes = [bench.parse_shape(s) for s in args.shapes.split(",") if s.strip()]
+    shapes = [harness.parse_shape(s) for s in args.shapes.split(",") if s.strip()]
     dtypes = [getattr(torch, d.strip()) for d in args.dtypes.split(",") if d.strip()]
-    layouts = bench.parse_list(args.layouts, ("nchw", "cl"), "layout", bench.LAYOUT_ALIASES)
-    timer = bench.CudaTimer(torch, 256) if device == "cuda" else None
-    copy_gbps = bench.copy_bandwidth(device, torch, timer, 10)
+    layouts = harness.parse_list(args.layouts, ("nchw", "cl"), "layout", bench.LAYOUT_ALIASES)
+    timer = harness.CudaTimer(256) if device == "cuda" else None
+    copy_gbps = harness.copy_bandwidth(device, timer, 10)
     gen = torch.Generator().manual_seed(args.seed)
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    name = harness.machine_description(device)
     print(f"bench_quick: {name}, torch {torch.__version__}, copy bandwidth {copy_gbps:.1f} GB/s, "
           f"median of {args.repeats} interleaved samples", flush=True)
     print(f"{'dtype':>8} {'op':>5} {'pattern':>11} {'pass':>7} {'layout':>6} {'shape':>14} "
           f"{'ours ms':>8} {'torch ms':>8} {'ratio':>6} {'GB/s':>7} {'%floor':>6}  status", flush=True)
-    out = RowWriter(args.csv)
+    out = harness.RowWriter(args.csv, FIELDS)
     counts = {"rows": 0, "bad": 0}
     try:
         run_rows(shapes, layouts, dtypes, device, timer, args.repeats, gen, copy_gbps, out, counts)

@@ -8,12 +8,16 @@ every round; the figure is the median over rounds of the mean time per call, in 
 """
 
 import argparse
+import os
 import statistics
-import time
+import sys
 
 import torch
 
-import bnorm_ext
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import cpu_once  # noqa: E402
+
+import bnorm_ext  # noqa: E402
 
 
 def _cases(module, x, grad_out):
@@ -66,11 +70,7 @@ def main():
                 cases[side][name]()
         for _ in range(args.rounds):
             for side in samples:
-                fn = cases[side][name]
-                start = time.perf_counter()
-                for _ in range(args.calls):
-                    fn()
-                samples[side].append((time.perf_counter() - start) / args.calls * 1e6)
+                samples[side].append(cpu_once(cases[side][name], args.calls) * 1e3)
         t, o = statistics.median(samples["torch"]), statistics.median(samples["bnorm_ext"])
         print(f"{name:<20} {t:9.2f} {o:9.2f} {o / t:6.2f}")
 
