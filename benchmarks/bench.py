@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", default=None,
                    help="CSV output path (default benchmarks/results/<device>_bench.csv; '' to skip)")
     p.add_argument("--plot", default=None,
-                   help="PNG plot of the ratios (default benchmarks/results/<device>_bench.png; '' to skip). "
+                   help="PNG plot of the ratios (default: the CSV's path with .png, so benchmarks/results/<device>_bench.png; "
+                        "'' to skip). "
                         "Skipped when matplotlib is not installed.")
     p.add_argument("--no-compile", action="store_true", help="cuda: skip the torch.compile baseline")
     p.add_argument("--compile-mode", default="max-autotune",
@@ -572,7 +573,9 @@ def main(argv=None) -> int:
     if csv_path:
         write_csv(csv_path, rows, meta, copy_gbps)
         print(f"\nCSV written to {os.path.relpath(csv_path)}")
-    plot_path = args.plot if args.plot is not None else os.path.join(HERE, "results", f"{device}_bench.png")
+    # default: next to the CSV (benchmarks/results/<device>_bench.png unless --csv says otherwise)
+    plot_path = args.plot if args.plot is not None else (
+        os.path.splitext(csv_path)[0] + ".png" if csv_path else os.path.join(HERE, "results", f"{device}_bench.png"))
     if plot_path:
         write_plot(plot_path, rows, with_compile, f"bnorm_ext vs torch ({device}, {args.dtype})")
 

@@ -31,7 +31,6 @@ opposite sides, and the ReLU mask (so the gradient) differs there.
 """
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys

@@ -50,8 +50,6 @@ from harness import BusyMeter, interleaved, machine_description, progress, write
 import bnorm_ext  # noqa: E402
 
 VARIANTS = ("torch", "converted", "fused")
-MODES = ("eager", "compile")
-WORKLOADS = ("train", "infer")
 
 
 def build_variants(name, device, seed):
