@@ -7,6 +7,10 @@ Usage (from the repository root, with the package built):
     python benchmarks/bench.py --quick         # smoke run, a few seconds
     python benchmarks/bench.py --device cuda   # GPU: CUDA events, L2 flush, torch.compile baseline
 
+Output: the table on stdout, a progress line per row on stderr ("[k/N] fwd channels_last
+16x64x56x56"), benchmarks/results/<device>_bench.csv (--csv) and next to it a bar chart of the
+ratios, <device>_bench.png (--plot; needs matplotlib).  The timing machinery is in harness.py.
+
 Passes
     fwd   training forward (batch statistics, running-stat update, autograd graph recorded)
     bwd   backward only: torch.autograd.grad(out, [x, weight, bias], grad_out, retain_graph=True)
@@ -464,7 +468,7 @@ def main(argv=None) -> int:
 
     gen = torch.Generator().manual_seed(args.seed)
     row_numbers = itertools.count(1)  # progress: rows begun, of rows_total
-    rows_total = len(shapes) * len(layouts) * len(passes)
+    rows_total, row_prefix = len(shapes) * len(layouts) * len(passes), ""
 
     def measure(shape, layout, pass_list) -> List[Row]:
         """Guard and time `pass_list` on one (shape, layout); returns one Row per pass."""
@@ -480,7 +484,7 @@ def main(argv=None) -> int:
         for pass_ in pass_list:
             row = Row(pass_, layout, shape, numel, FLOOR_FACTOR[pass_] * numel * xs[0].element_size())
             out.append(row)
-            progress(next(row_numbers), rows_total, f"{pass_} {LAYOUT_NAMES[layout]} {'x'.join(map(str, shape))}"
+            progress(next(row_numbers), rows_total, f"{row_prefix}{pass_} {LAYOUT_NAMES[layout]} {'x'.join(map(str, shape))}"
                      f"{' (compiling the torch.compile baseline)' if with_compile else ''}")
             ref, ours = make_modules(ours_cls, C, device, param_dtype, gen)
             try:
@@ -538,7 +542,7 @@ def main(argv=None) -> int:
             break
         print(f"({len(busy)} row(s) timed while other processes used the CPUs: retry {attempt + 1}/{args.retries})")
         wait_quiet(args.quiet_wait)
-        row_numbers, rows_total = itertools.count(1), len(busy)
+        row_numbers, rows_total, row_prefix = itertools.count(1), len(busy), f"retry {attempt + 1}: "
         for i in busy:
             if time.perf_counter() > retry_deadline:
                 break
