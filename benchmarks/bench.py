@@ -197,7 +197,7 @@ def import_ours(which: str):
         raise SystemExit(
             f"cannot import bnorm_ext ({type(exc).__name__}: {exc}).\n"
             "Build it first: pip install --no-build-isolation -e .   "
-            "(or run benchmarks/run_cpu.sh), or pass --ours torch for a harness self-test."
+            "(or run benchmarks/run.sh), or pass --ours torch for a harness self-test."
         )
     info = ""
     with contextlib.suppress(Exception):
