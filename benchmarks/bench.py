@@ -604,6 +604,25 @@ def write_plot(path: str, rows: List[Row], with_compile: bool, title: str):
 # --------------------------------------------------------------------------------------------
 
 
+def cpu_description(ours_name: str = "bnorm_ext") -> str:
+    """The CPU model (/proc/cpuinfo's model name) and the instruction set of the
+    CPU kernel build that bnorm_ext dispatches to (what `python -m bnorm_ext` prints)."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    isa = "n/a"
+    if ours_name == "bnorm_ext":
+        with contextlib.suppress(Exception):
+            import bnorm_ext
+
+            isa = bnorm_ext.build_info().get("cpu_isa", "unknown")
+    return f"{model}, {os.cpu_count()} CPUs, bnorm_ext CPU kernels: {isa}"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     t_start = time.perf_counter()
@@ -647,7 +666,7 @@ def main(argv=None) -> int:
 
     copy_gbps = copy_bandwidth(device, torch, timer, 10)
 
-    dev_desc = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    dev_desc = torch.cuda.get_device_name() if device == "cuda" else cpu_description(args.ours)
     print(f"bnorm_ext benchmark: device={device} ({dev_desc}) torch={torch.__version__} "
           f"threads={torch.get_num_threads()} dtype={args.dtype} python={platform.python_version()}")
     print(f"ours: {ours_desc}")

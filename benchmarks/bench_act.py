@@ -33,7 +33,6 @@ opposite sides, and the ReLU mask (so the gradient) differs there.
 import argparse
 import contextlib
 import os
-import platform
 import statistics
 import sys
 
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import BusyMeter, CudaTimer, copy_bandwidth, parse_shape, time_cpu, write_rows_csv  # noqa: E402
+from bench import BusyMeter, CudaTimer, copy_bandwidth, cpu_description, parse_shape, time_cpu, write_rows_csv  # noqa: E402
 
 import bnorm_ext  # noqa: E402
 
@@ -212,7 +211,7 @@ def main(argv=None):
     copy_gbps = copy_bandwidth(device, torch, timer, 10)
     gen = torch.Generator().manual_seed(args.seed)
 
-    dev = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    dev = torch.cuda.get_device_name() if device == "cuda" else cpu_description()
     print(f"bnorm_ext fused BN+act benchmark: device={device} ({dev}) torch={torch.__version__} "
           f"threads={torch.get_num_threads()} float32; median ms of {repeats} interleaved samples; "
           f"copy bandwidth {copy_gbps:.1f} GB/s")
