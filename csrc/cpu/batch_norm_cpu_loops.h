@@ -218,6 +218,12 @@ struct ClGrid {
   }
 };
 
+// Grain (in slabs) of a parallel per-channel finish over `grid`'s chunk
+// partials: one thread unless there are enough of them to share out.
+inline int64_t finish_grain(const ClGrid& grid) {
+  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, grid.chunks * grid.width));
+}
+
 // Per-channel dx = dy * dy_scale + x * x_scale + shift, the float32 training
 // input gradient, in double: x_scale and shift fold the mean in (exact enough
 // in double, as for ScaleShift), one rounding to float32 per element.
