@@ -46,7 +46,9 @@ __all__ = [
 
 
 def build_info() -> dict:
-    """How the extension was built: torch version, CUDA kernels and their archs."""
+    """How the extension was built: torch version, CUDA kernels and their archs,
+    and the CPU kernel build this process dispatches to (cpu_isa: avx512, avx2
+    or default)."""
     info = {"bnorm_ext": __version__, "torch": torch.__version__, "torch_cuda": torch.version.cuda}
     info.update(_C.build_info())
     return info

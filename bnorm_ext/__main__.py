@@ -14,6 +14,7 @@ def main() -> None:
     else:
         print("CUDA kernels: not compiled (CPU kernels only)")
     print(f"debug build: {'yes' if info['debug'] else 'no'}")
+    print(f"CPU kernels: {info['cpu_isa']} build (BNORM_EXT_CPU_ISA=default|avx2 caps it)")
     print(f"CUDA device available: {torch.cuda.is_available()}")
     ops = sorted(s.name.split("::")[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("bnorm_ext::"))
     print(f"ops: {', '.join(ops)}")

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "cpu/batch_norm_cpu.h"
 #include "cuda/cooperative_launch_record.h"
 
 #ifndef BNORM_EXT_CUDA_ARCHS
@@ -24,11 +25,16 @@ static PyObject* build_info(PyObject*, PyObject*) {
 #else
   PyObject* debug = Py_False;
 #endif
+  const bnorm_ext::cpu::CpuIsa isa = bnorm_ext::cpu::cpu_isa();
+  const char* cpu_isa = isa == bnorm_ext::cpu::CpuIsa::kAvx512 ? "avx512"
+      : isa == bnorm_ext::cpu::CpuIsa::kAvx2                    ? "avx2"
+                                                                : "default";
   return Py_BuildValue(
-      "{s:O,s:s,s:O}",
+      "{s:O,s:s,s:O,s:s}",
       "cuda_compiled", cuda,
       "cuda_archs", BNORM_EXT_CUDA_ARCHS,
-      "debug", debug);
+      "debug", debug,
+      "cpu_isa", cpu_isa);
 }
 
 // Single-read kernels launched so far in this process (an int).

@@ -322,6 +322,7 @@ def test_build_info():
     assert torch.__version__.split("+")[0] in info["torch"]
     assert isinstance(info["cuda_compiled"], bool)
     assert isinstance(info["cuda_archs"], str)
+    assert info["cpu_isa"] in {"avx512", "avx2", "default"}
     if info["cuda_compiled"]:
         assert info["cuda_archs"].strip() != ""
     if torch.cuda.is_available():

@@ -109,7 +109,25 @@ def _large_mean_cases():
     return (("large_mean", x, dy, w, b, rm, rv),)
 
 
-ACTIVATION_CASES = {"conv_activations": _conv_stack_cases, "large_mean": _large_mean_cases}
+@functools.lru_cache(maxsize=None)
+def _outlier_first_row_cases():
+    # one outlier at every channel's first element (channels-last: the whole first row), on a
+    # non-zero mean: a statistics pass that shifts by the first values cancels badly here
+    g = torch.Generator().manual_seed(2)
+    shape = (8, 20, 24, 24)
+    C = shape[1]
+    x = 3 * torch.randn(shape, dtype=torch.float64, generator=g) + 5
+    x[0, :, 0, 0] = 2e4
+    dy = torch.randn(shape, dtype=torch.float64, generator=g)
+    w = 1 + 0.5 * torch.randn(C, dtype=torch.float64, generator=g)
+    b = torch.randn(C, dtype=torch.float64, generator=g)
+    rm = torch.randn(C, dtype=torch.float64, generator=g)
+    rv = 0.5 + torch.rand(C, dtype=torch.float64, generator=g)
+    return (("outlier_first_row", x, dy, w, b, rm, rv),)
+
+
+ACTIVATION_CASES = {"conv_activations": _conv_stack_cases, "large_mean": _large_mean_cases,
+                    "outlier_first_row": _outlier_first_row_cases}
 BOTH_LAYOUTS = (torch.contiguous_format, torch.channels_last)
 
 
