@@ -96,7 +96,6 @@ TORCH_LIBRARY(bnorm_ext, m) {
   // convolution outputs) instead of copying them to the traced strides (its
   // default for custom ops, needs_exact_strides).
   const std::vector<at::Tag> any_strides = {at::Tag::flexible_layout};
-  const std::vector<at::Tag> any_strides_out = {at::Tag::flexible_layout, at::Tag::out};
   // Per-channel mean and biased variance of the input.
   m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)",
       any_strides);
@@ -133,17 +132,19 @@ TORCH_LIBRARY(bnorm_ext, m) {
       "Tensor? save_invstd, bool training, float eps) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)",
       any_strides);
-  // NB: the `.out` overloads (tagged out: Inductor calls them with buffers it
-  // plans instead of the functional op) write every element of each out
-  // tensor, in its own strides. Several outputs make Inductor pass every
-  // argument in schema order (ExternKernelMultiOut), so None weight / bias /
-  // residual are safe.
+  // NB: the `.out` overloads write every element of each out tensor, in its
+  // own strides. They are not tagged out (which would make Inductor call them
+  // with buffers it plans): measured on a 2-core CPU, a compiled ResNet-18
+  // training step was 8-18% slower through batch_norm_backward.out than
+  // through the functional op (benchmarks/bench_compile.py), and Inductor
+  // (torch 2.14) passes an unallocated buffer for a zero-element output such
+  // as batch_norm_act_backward's [0] grad_residual.
   m.def(
       "batch_norm_backward.out(Tensor grad_out, Tensor input, Tensor? weight, "
       "Tensor? running_mean, Tensor? running_var, Tensor? save_mean, "
       "Tensor? save_invstd, bool training, float eps, *, Tensor(a!) grad_input, "
       "Tensor(b!) grad_weight, Tensor(c!) grad_bias) -> (Tensor(a!), Tensor(b!), Tensor(c!))",
-      any_strides_out);
+      any_strides);
   // Forward-mode derivative of the forward ops (tangents of output, mean and
   // invstd; undefined tangents are zero); mean/invstd: batch statistics when
   // training, else running_mean and 1/sqrt(running_var + eps). A composite of
@@ -192,10 +193,6 @@ TORCH_LIBRARY(bnorm_ext, m) {
       "float eps, bool need_grad_residual, str activation, float negative_slope) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)",
       any_strides);
-  // NB: not tagged out: Inductor (torch 2.14) plans no buffer for a
-  // zero-element output of a multi-output `.out` call yet still passes it
-  // (grad_residual is [0] unless need_grad_residual), so generated code would
-  // name an undefined buffer; the overload is for direct callers until then.
   m.def(
       "batch_norm_act_backward.out(Tensor grad_out, Tensor? output, Tensor input, "
       "Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
