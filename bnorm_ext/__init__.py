@@ -8,7 +8,7 @@ import torch
 
 from . import _C  # noqa: F401  (registers the ops and their kernels)
 from . import _fake  # noqa: F401  (fake kernels for torch.compile / FakeTensor)
-from . import _onnx, conv_bn_fusion
+from . import _inductor_decomp, _onnx, conv_bn_fusion
 from .functional import BatchNormFunction, batch_norm
 from .activation import BatchNormAct2d, batch_norm_act
 from .fx_activation_fusion import fuse_activations
@@ -24,6 +24,7 @@ from .sync_batchnorm import SyncBatchNorm
 
 _onnx.register()
 conv_bn_fusion.register()
+_inductor_decomp.register_when_inductor_loads()
 
 __version__ = "0.1.0"
 

@@ -125,7 +125,7 @@ def _backward_vmap(info, in_dims, grad_out, input, weight, running_mean, running
                    training, eps):
     B = info.batch_size
     channel_args = zip((weight, running_mean, running_var, save_mean, save_invstd), in_dims[2:7])
-    grad_input, grad_weight, grad_bias = torch.ops.bnorm_ext.batch_norm_backward(
+    grad_input, grad_weight, grad_bias = torch.ops.bnorm_ext.batch_norm_backward.default(
         _fold_input(grad_out, in_dims[0], B),
         _fold_input(input, in_dims[1], B),
         *(_fold_channel(t, bdim, B) for t, bdim in channel_args),
@@ -158,7 +158,7 @@ def _act_backward_vmap(info, in_dims, grad_out, output, input, weight, bias, run
                        save_invstd, residual, training, eps, need_grad_residual, activation, negative_slope):
     B = info.batch_size
     channel_args = zip((weight, bias, running_mean, running_var, save_mean, save_invstd), in_dims[3:9])
-    grad_input, grad_weight, grad_bias, grad_residual = torch.ops.bnorm_ext.batch_norm_act_backward(
+    grad_input, grad_weight, grad_bias, grad_residual = torch.ops.bnorm_ext.batch_norm_act_backward.default(
         _fold_input(grad_out, in_dims[0], B),
         _fold_input(output, in_dims[1], B),
         _fold_input(input, in_dims[2], B),

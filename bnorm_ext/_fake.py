@@ -87,3 +87,16 @@ def _(grad_out, output, input, weight, bias, running_mean, running_var, save_mea
         input.new_empty((C,), dtype=param_dtype),
         _like_output(input) if need_grad_residual else input.new_empty((0,)),
     )
+
+
+# The `.out` overloads write into (and return) the given tensors.
+@torch.library.register_fake("bnorm_ext::batch_norm_backward.out")
+def _(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps, *, grad_input,
+      grad_weight, grad_bias):
+    return grad_input, grad_weight, grad_bias
+
+
+@torch.library.register_fake("bnorm_ext::batch_norm_act_backward.out")
+def _(grad_out, output, input, weight, bias, running_mean, running_var, save_mean, save_invstd, residual, training,
+      eps, need_grad_residual, activation, negative_slope, *, grad_input, grad_weight, grad_bias, grad_residual):
+    return grad_input, grad_weight, grad_bias, grad_residual

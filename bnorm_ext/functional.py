@@ -121,7 +121,7 @@ class _BatchNormWithStats(torch.autograd.Function):
         else:
             stats = (mean, invstd_or_var, None, None)
         # The backward op is itself differentiable (double backward).
-        grad_input, grad_weight, grad_bias = torch.ops.bnorm_ext.batch_norm_backward(
+        grad_input, grad_weight, grad_bias = torch.ops.bnorm_ext.batch_norm_backward.default(
             grad_out, input, weight, *stats, ctx.training, ctx.eps
         )
         return (

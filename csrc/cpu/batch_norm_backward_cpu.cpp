@@ -6,6 +6,7 @@
 
 #include "../batch_norm_args.h"
 #include "../batch_norm_math.h"
+#include "../batch_norm_out.h"
 #include "batch_norm_cpu.h"
 #include "batch_norm_cpu_loops.h"
 
@@ -44,13 +45,14 @@ std::vector<Sums> grad_sums_any(
   return sums;
 }
 
+// Writes the input gradient into dx (x's shape, dense in x's layout).
 Tensor grad_input_any(
     const Tensor& dy,
     const Tensor& x,
     const BatchNormShape& s,
     const std::vector<BackwardCoeffs<double>>& coeffs,
-    bool training) {
-  Tensor dx = at::empty_like(x, output_memory_format(x));
+    bool training,
+    Tensor dx) {
   if (x.numel() == 0) {
     return dx;
   }
@@ -106,10 +108,21 @@ Tensor batch_norm_backward_elemt_cpu(
   for (int64_t c = 0; c < s.C; ++c) {
     coeffs[c] = backward_train_coeffs(m[c], is[c], w[c], sdy[c], sdyx[c], count);
   }
-  return grad_input_any(dense_grad(grad_out, input), dense_input(input), s, coeffs, /*training=*/true);
+  return grad_input_any(
+      dense_grad(grad_out, input), dense_input(input), s, coeffs, /*training=*/true,
+      at::empty_like(input, output_memory_format(input)));
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
+// Per-channel grad_weight and grad_bias values.
+struct ParamGrads {
+  std::vector<double> weight, bias;
+};
+
+// The backward after its checks: writes the input gradient into grad_in
+// (input-shaped, dense in output_memory_format(input)); returns the
+// parameter gradients.
+ParamGrads batch_norm_backward_into(
+    const BatchNormShape& s,
     const Tensor& grad_out,
     const Tensor& input,
     const OptTensor& weight,
@@ -118,9 +131,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     const OptTensor& save_mean,
     const OptTensor& save_invstd,
     bool training,
-    double eps) {
-  const char* op = "bnorm_ext::batch_norm_backward";
-  const BatchNormShape s = check_backward_args(op, grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
+    double eps,
+    Tensor grad_in) {
   std::vector<double> mean, invstd;
   if (training) {
     mean = param_values(save_mean, s.C, 0.0);
@@ -135,10 +147,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   const Tensor dy = dense_grad(grad_out, input);
   const Tensor x = dense_input(input);
   const std::vector<double> w = param_values(weight, s.C, 1.0);
-  Tensor grad_in;
   std::vector<Sums> sums;
   if (training && use_channel_fused_path(s, 2, input.element_size())) {
-    grad_in = at::empty_like(input, output_memory_format(input));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_backward_cpu", [&] {
       sums = BNORM_EXT_CPU_DISPATCH(train_backward_channel_fused<scalar_t>(GradOutOnly<scalar_t>{dy.const_data_ptr<scalar_t>()}, x, grad_in, nullptr, s, mean, invstd, w));
     });
@@ -151,17 +161,66 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
           ? backward_train_coeffs(mean[c], invstd[c], w[c], sums[c].sum_dy, sums[c].sum_dy_xmu, count)
           : backward_eval_coeffs(mean[c], invstd[c], w[c]);
     }
-    grad_in = grad_input_any(dy, x, s, coeffs, training);
+    grad_input_any(dy, x, s, coeffs, training, grad_in);
   }
-  std::vector<double> grad_w(s.C), grad_b(s.C);
+  ParamGrads grads{std::vector<double>(s.C), std::vector<double>(s.C)};
   for (int64_t c = 0; c < s.C; ++c) {
-    grad_w[c] = sums[c].sum_dy_xmu * invstd[c];
-    grad_b[c] = sums[c].sum_dy;
+    grads.weight[c] = sums[c].sum_dy_xmu * invstd[c];
+    grads.bias[c] = sums[c].sum_dy;
   }
-  const auto param_type = weight.has_value() && weight->defined()
-      ? weight->scalar_type()
-      : acc_scalar_type(input.scalar_type());
-  return {grad_in, channel_tensor(grad_w, input, param_type), channel_tensor(grad_b, input, param_type)};
+  return grads;
+}
+
+at::ScalarType param_grad_type(const OptTensor& weight, const Tensor& input) {
+  return given(weight) ? weight->scalar_type() : acc_scalar_type(input.scalar_type());
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
+    const Tensor& grad_out,
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    const OptTensor& save_mean,
+    const OptTensor& save_invstd,
+    bool training,
+    double eps) {
+  const char* op = "bnorm_ext::batch_norm_backward";
+  const BatchNormShape s = check_backward_args(op, grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
+  Tensor grad_in = at::empty_like(input, output_memory_format(input));
+  const ParamGrads grads = batch_norm_backward_into(
+      s, grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps, grad_in);
+  const auto param_type = param_grad_type(weight, input);
+  return {grad_in, channel_tensor(grads.weight, input, param_type), channel_tensor(grads.bias, input, param_type)};
+}
+
+// batch_norm_backward.out: the same values written into the given tensors.
+std::tuple<Tensor&, Tensor&, Tensor&> batch_norm_backward_out_cpu(
+    const Tensor& grad_out,
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    const OptTensor& save_mean,
+    const OptTensor& save_invstd,
+    bool training,
+    double eps,
+    Tensor& grad_input,
+    Tensor& grad_weight,
+    Tensor& grad_bias) {
+  const char* op = "bnorm_ext::batch_norm_backward.out";
+  const BatchNormShape s = check_backward_args(op, grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
+  const auto param_type = param_grad_type(weight, input);
+  check_out(op, "grad_input", grad_input, input.sizes(), input.scalar_type(), input);
+  check_out(op, "grad_weight", grad_weight, {s.C}, param_type, input);
+  check_out(op, "grad_bias", grad_bias, {s.C}, param_type, input);
+  const Tensor target = dense_out_target(grad_input, input);
+  const ParamGrads grads = batch_norm_backward_into(
+      s, grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps, target);
+  copy_back(grad_input, target);
+  store_values(grad_weight, grads.weight);
+  store_values(grad_bias, grads.bias);
+  return {grad_input, grad_weight, grad_bias};
 }
 
 } // namespace
@@ -170,6 +229,7 @@ TORCH_LIBRARY_IMPL(bnorm_ext, CPU, m) {
   m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cpu);
   m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
+  m.impl("batch_norm_backward.out", &batch_norm_backward_out_cpu);
 }
 
 } // namespace cpu
