@@ -27,8 +27,11 @@ import argparse
 import contextlib
 import copy
 import statistics
+import os
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import cpu_once, interleaved  # noqa: E402
 
 
 def parse_args(argv):
@@ -61,14 +64,10 @@ def opaque_kernels():
 
 def time_rounds(fns, repeats, number):
     # {name: [seconds per call, per round]}, order alternating between rounds.
-    names = list(fns)
-    times = {n: [] for n in names}
+    times = {n: [] for n in fns}
     for r in range(repeats):
-        for n in (names if r % 2 == 0 else names[::-1]):
-            t = time.perf_counter()
-            for _ in range(number):
-                fns[n]()
-            times[n].append((time.perf_counter() - t) / number)
+        for n in interleaved(list(fns), r):
+            times[n].append(cpu_once(fns[n], number) * 1e-3)
     return times
 
 
