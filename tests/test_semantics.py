@@ -256,7 +256,11 @@ def test_zero_eps_in_eval_like_torch(device):
     x = randn_shifted((2, 3, 3, 3), torch.float64, device)
     rm = torch.randn(3, dtype=torch.float64, device=device)
     rv = torch.rand(3, dtype=torch.float64, device=device) + 0.5
-    exp = F.batch_norm(x, rm, rv, training=False, eps=0.0)
+    try:
+        exp = F.batch_norm(x, rm, rv, training=False, eps=0.0)
+    except ValueError:
+        # NB: torch 2.11's F.batch_norm rejects eps=0 in eval too; newer torch and ours accept it.
+        exp = (x - _bc(rm)) / _bc(rv).sqrt()
     torch.testing.assert_close(bnorm_ext.batch_norm(x, rm, rv, training=False, eps=0.0), exp)
 
 
