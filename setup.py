@@ -1,5 +1,7 @@
 """Builds bnorm_ext._C: CPU kernels always, CUDA kernels when a toolkit is there.
 
+Needs torch >= 2.11 (MIN_TORCH; also in pyproject.toml and bnorm_ext/__init__.py).
+
 Environment switches:
   BNORM_EXT_CUDA=1|0      force / disable the CUDA build. Default: build the CUDA
                           kernels when torch is a CUDA build, CUDA_HOME has nvcc
@@ -14,12 +16,27 @@ Environment switches:
 
 import glob
 import os
+import re
 
+import torch
 from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
+MIN_TORCH = (2, 11)
+
+
+def _check_torch_version():
+    """Raises for a torch older than MIN_TORCH, before anything compiles."""
+    match = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    release = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+    if release < MIN_TORCH:
+        raise RuntimeError(
+            f"bnorm_ext needs torch>={MIN_TORCH[0]}.{MIN_TORCH[1]} to build; found torch {torch.__version__} "
+            f"in {os.path.dirname(torch.__file__)}. Install a newer torch (pip install 'torch>=2.11') "
+            "and build with --no-build-isolation."
+        )
 
 
 def _flag(name):
@@ -103,6 +120,7 @@ def _extension():
 
 
 # Project metadata and the package list live in pyproject.toml; this file builds the extension.
+_check_torch_version()
 setup(
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},

@@ -4,9 +4,27 @@
 are reached through the dispatcher as `torch.ops.bnorm_ext.*`.
 """
 
+import re
+
 import torch
 
-from . import _C  # noqa: F401  (registers the ops and their kernels)
+# The oldest torch the extension builds and runs against (setup.py and
+# pyproject.toml say the same); tested up to torch 2.15.
+MIN_TORCH = (2, 11)
+
+
+def _torch_release(version: str) -> tuple:
+    """(major, minor) of a torch version string such as '2.11.0+cu130' or '2.15.0a0+git1234'."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+if _torch_release(torch.__version__) < MIN_TORCH:
+    raise ImportError(
+        f"bnorm_ext needs torch>={MIN_TORCH[0]}.{MIN_TORCH[1]}, found torch {torch.__version__}"
+    )
+
+from . import _C  # noqa: E402, F401  (registers the ops and their kernels)
 from . import _fake  # noqa: F401  (fake kernels for torch.compile / FakeTensor)
 from . import _inductor_decomp, _onnx, conv_bn_fusion
 from .functional import BatchNormFunction, batch_norm

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_custom_graph_passes, get_hash_for_files
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .fx_activation_fusion import _activation_of, _residual_of
@@ -165,6 +165,44 @@ def fuse_batch_norm_activations(graph: fx.Graph) -> int:
     return fused
 
 
+class _PassChain(CustomGraphPass):
+    """Several pre-grad passes as one, run in order, for a torch whose
+    config.pre_grad_custom_pass holds a single callable (2.11); its uuid
+    combines the passes' (None if one has none, as Inductor does)."""
+
+    def __init__(self, passes: List[Any]) -> None:
+        self.passes = tuple(passes)
+
+    def __call__(self, graph: fx.Graph) -> None:
+        for p in self.passes:
+            p(graph)
+
+    def uuid(self) -> Optional[bytes]:
+        uuids = [p.uuid() if isinstance(p, CustomGraphPass) else None for p in self.passes]
+        if any(u is None for u in uuids):
+            return None
+        return b"".join(u if isinstance(u, bytes) else str(u).encode() for u in uuids)
+
+
+try:
+    # Newer torch (2.14): pre_grad_custom_pass may be a list of passes.
+    from torch._inductor.custom_graph_pass import get_custom_graph_passes
+
+    CONFIG_TAKES_PASS_LIST = True
+except ImportError:
+    CONFIG_TAKES_PASS_LIST = False
+
+    def get_custom_graph_passes(custom_pass: Any) -> tuple:
+        """The passes in a config value: None, one pass, a list/tuple or our chain."""
+        if custom_pass is None:
+            return ()
+        if isinstance(custom_pass, _PassChain):
+            return custom_pass.passes
+        if isinstance(custom_pass, (list, tuple)):
+            return tuple(custom_pass)
+        return (custom_pass,)
+
+
 class BatchNormActivationFusion(CustomGraphPass):
     """The pass as an Inductor pre-grad custom pass; its uuid (a hash of this
     file) keys Inductor's FX graph cache."""
@@ -182,11 +220,15 @@ FUSION_PASS = BatchNormActivationFusion()
 def enable_inductor_fusion(enabled: bool = True) -> None:
     """Adds the pass to torch._inductor.config.pre_grad_custom_pass after the
     passes already there (enabled=True; once only), or removes it. The config
-    holds one pass as itself and several as a list."""
+    holds one pass as itself and several as a list (as a _PassChain where
+    torch takes one callable only)."""
     from torch._inductor import config
 
     current = config.pre_grad_custom_pass
     passes = [p for p in get_custom_graph_passes(current) if not isinstance(p, BatchNormActivationFusion)]
     if enabled:
         passes.append(FUSION_PASS)
-    config.pre_grad_custom_pass = None if not passes else passes[0] if len(passes) == 1 else passes
+    if len(passes) > 1:
+        config.pre_grad_custom_pass = passes if CONFIG_TAKES_PASS_LIST else _PassChain(passes)
+    else:
+        config.pre_grad_custom_pass = passes[0] if passes else None

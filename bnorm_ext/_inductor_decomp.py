@@ -38,7 +38,7 @@ _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def _param_ok(input: Tensor, p: Optional[Tensor]) -> bool:
-    # The ops' parameter rule (csrc/batch_norm_checks.cpp check_params): None, or C elements
+    # The ops' parameter rule (csrc/batch_norm_args.cpp check_params): None, or C elements
     # on the input's device in the input's dtype (or float32 for half input).
     if p is None:
         return True

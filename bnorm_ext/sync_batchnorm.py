@@ -185,8 +185,10 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         *,
         bias: bool = True,
     ) -> None:
+        # NB: torch 2.11's _BatchNorm takes no `bias` argument: passed only when False.
+        bias_kwarg = {} if bias else {"bias": False}
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, **bias_kwarg
         )
         self.process_group = process_group
 

@@ -304,11 +304,16 @@ BatchNormShape check_backward_elemt_args(
   return s;
 }
 
-BatchNormShape check_backward_args(
+namespace {
+
+// The plain and the fused backward's checks; bias (None for the plain op) is
+// checked with weight and the running stats, so they share one dtype.
+BatchNormShape check_backward_args_with_bias(
     const char* op,
     const Tensor& grad_out,
     const Tensor& input,
     const OptTensor& weight,
+    const OptTensor& bias,
     const OptTensor& running_mean,
     const OptTensor& running_var,
     const OptTensor& save_mean,
@@ -317,7 +322,9 @@ BatchNormShape check_backward_args(
     double eps) {
   const BatchNormShape s = check_input(op, input);
   check_grad_out(op, input, grad_out);
-  check_params(op, input, s.C, {{"weight", &weight}, {"running_mean", &running_mean}, {"running_var", &running_var}});
+  check_params(
+      op, input, s.C,
+      {{"weight", &weight}, {"bias", &bias}, {"running_mean", &running_mean}, {"running_var", &running_var}});
   if (training) {
     TORCH_CHECK(
         save_mean.has_value() && save_invstd.has_value(),
@@ -331,6 +338,23 @@ BatchNormShape check_backward_args(
     check_eps(op, eps, /*training=*/false);
   }
   return s;
+}
+
+} // namespace
+
+BatchNormShape check_backward_args(
+    const char* op,
+    const Tensor& grad_out,
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    const OptTensor& save_mean,
+    const OptTensor& save_invstd,
+    bool training,
+    double eps) {
+  return check_backward_args_with_bias(
+      op, grad_out, input, weight, std::nullopt, running_mean, running_var, save_mean, save_invstd, training, eps);
 }
 
 Activation parse_activation(const char* op, std::string_view name, double negative_slope) {
@@ -388,8 +412,8 @@ std::pair<BatchNormShape, Activation> check_act_backward_args(
     double eps,
     std::string_view activation,
     double negative_slope) {
-  const BatchNormShape s = check_backward_args(op, grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
-  check_params(op, input, s.C, {{"bias", &bias}});
+  const BatchNormShape s = check_backward_args_with_bias(
+      op, grad_out, input, weight, bias, running_mean, running_var, save_mean, save_invstd, training, eps);
   const Activation act = parse_activation(op, activation, negative_slope);
   TORCH_CHECK(
       !(act == Activation::kRelu || act == Activation::kLeakyRelu) || given(output),

@@ -96,7 +96,10 @@ import re  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch._inductor.utils import fresh_cache, run_and_get_code  # noqa: E402
 
-torchvision_resnet = pytest.importorskip("torchvision.models.resnet")
+try:
+    import torchvision.models.resnet as torchvision_resnet
+except ImportError:  # the models that need it skip
+    torchvision_resnet = None
 
 
 class _SmallResNet(nn.Module):
@@ -236,7 +239,11 @@ def _assert_no_layout_copies_in_profile(prof, n_fused, n_plain):
                            a.startswith("bnorm_ext::batch_norm_forward") for a in chain), f"{e.name} under {chain}"
 
 
-@pytest.mark.parametrize("name", list(FUSION_MODELS))
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.skipif(
+        name == "small_resnet" and torchvision_resnet is None, reason="torchvision not installed"))
+    for name in FUSION_MODELS
+])
 def test_inductor_fusion_train_and_eval(inductor_fusion, name):
     make, n_fused, n_plain = FUSION_MODELS[name]
     torch.manual_seed(0)
@@ -441,20 +448,38 @@ def test_fusion_pass_leaves_torch_batchnorm_graphs_unchanged(name):
 def test_enable_inductor_fusion_chains_with_the_users_pre_grad_passes():
     from torch._inductor import config
 
-    from bnorm_ext._inductor_activation_fusion import FUSION_PASS, BatchNormActivationFusion
+    from bnorm_ext._inductor_activation_fusion import (
+        CONFIG_TAKES_PASS_LIST,
+        FUSION_PASS,
+        BatchNormActivationFusion,
+        get_custom_graph_passes,
+    )
+
+    seen = []
 
     def user_pass(graph):
-        pass
+        seen.append("user")
+
+    def assert_chained():
+        # A list where torch takes one (2.14), else one callable running both in order (2.11).
+        if CONFIG_TAKES_PASS_LIST:
+            assert config.pre_grad_custom_pass == [user_pass, FUSION_PASS]
+        else:
+            assert callable(config.pre_grad_custom_pass)
+            seen.clear()
+            config.pre_grad_custom_pass(torch.fx.Graph())
+            assert seen == ["user"]
+        assert get_custom_graph_passes(config.pre_grad_custom_pass) == (user_pass, FUSION_PASS)
 
     with config.patch(pre_grad_custom_pass=user_pass):
         bnorm_ext.enable_inductor_fusion()
         bnorm_ext.enable_inductor_fusion()  # once only
-        assert config.pre_grad_custom_pass == [user_pass, FUSION_PASS]
+        assert_chained()
         bnorm_ext.enable_inductor_fusion(False)
         assert config.pre_grad_custom_pass is user_pass
     with config.patch(pre_grad_custom_pass=(user_pass,)):
         bnorm_ext.enable_inductor_fusion()
-        assert config.pre_grad_custom_pass == [user_pass, FUSION_PASS]
+        assert_chained()
         bnorm_ext.enable_inductor_fusion(False)
         assert config.pre_grad_custom_pass is user_pass
     with config.patch(pre_grad_custom_pass=None):

@@ -24,6 +24,7 @@ from common_utils import make_bn_pair, randn_shifted, randomize_bn_
 HAS_ONNXRUNTIME = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 HAS_ONNXSCRIPT = importlib.util.find_spec("onnxscript") is not None
 requires_onnxruntime = pytest.mark.skipif(not HAS_ONNXRUNTIME, reason="onnx and onnxruntime not installed")
+requires_onnx = pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="onnx not installed")
 
 EXPORTERS = [
     pytest.param("dynamo", id="dynamo", marks=pytest.mark.skipif(not HAS_ONNXSCRIPT, reason="onnxscript not installed")),
@@ -351,6 +352,7 @@ def test_onnx_export_of_fused_resnet18(exporter, resnet18_and_input):
     assert counts[("", "Relu")] == 17 and counts[("", "Add")] == 8, counts
 
 
+@requires_onnx
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_onnx_export_in_training_mode_fails_as_for_the_plain_op(exporter):
     # neither training op has a translation: the same exception type, naming our training op

@@ -1,6 +1,7 @@
 """Module-level behaviour: class hierarchy, repr, state_dict, resets, convert/revert, CLI."""
 
 import copy
+import inspect
 import os
 import subprocess
 import sys
@@ -21,7 +22,10 @@ OPTIONS = [
     pytest.param(dict(), id="default"),
     pytest.param(dict(eps=1e-3, momentum=None, affine=False), id="eps1e-3-momNone-noaffine"),
     pytest.param(dict(momentum=0.3, track_running_stats=False), id="mom0.3-notrack"),
-    pytest.param(dict(bias=False), id="nobias"),
+    # NB: torch 2.11's nn.BatchNorm takes no `bias` argument (2.14's does); ours takes it.
+    pytest.param(dict(bias=False), id="nobias", marks=pytest.mark.skipif(
+        "bias" not in inspect.signature(nn.BatchNorm2d.__init__).parameters,
+        reason="this torch's nn.BatchNorm has no bias argument")),
 ]
 
 
@@ -327,3 +331,23 @@ def test_build_info():
         assert info["cuda_archs"].strip() != ""
     if torch.cuda.is_available():
         assert info["cuda_compiled"] is True
+
+
+def test_minimum_torch_is_stated_alike_and_met():
+    # pyproject.toml's requirement, setup.py's build-time check and the import-time check agree.
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(root, "pyproject.toml")):
+        pytest.skip("needs the source tree (pyproject.toml, setup.py)")
+    with open(os.path.join(root, "pyproject.toml")) as f:
+        pyproject = f.read()
+    with open(os.path.join(root, "setup.py")) as f:
+        setup_py = f.read()
+    minimum = ".".join(map(str, bnorm_ext.MIN_TORCH))
+    assert re.findall(r'"torch>=([\d.]+)"', pyproject) == [minimum, minimum]  # build-system and project
+    assert f"MIN_TORCH = {bnorm_ext.MIN_TORCH}" in setup_py
+    assert bnorm_ext._torch_release(torch.__version__) >= bnorm_ext.MIN_TORCH
+    assert bnorm_ext._torch_release("2.15.0a0+git1234") == (2, 15)
+    assert bnorm_ext._torch_release("2.11.0+cu130") == (2, 11)
+    assert bnorm_ext._torch_release("2.10.1") < bnorm_ext.MIN_TORCH

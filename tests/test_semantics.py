@@ -1,5 +1,7 @@
 """Semantics of bnorm_ext: running statistics, modes, error handling, edge cases, ops."""
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -254,7 +256,11 @@ def test_zero_eps_in_eval_like_torch(device):
     x = randn_shifted((2, 3, 3, 3), torch.float64, device)
     rm = torch.randn(3, dtype=torch.float64, device=device)
     rv = torch.rand(3, dtype=torch.float64, device=device) + 0.5
-    exp = F.batch_norm(x, rm, rv, training=False, eps=0.0)
+    try:
+        exp = F.batch_norm(x, rm, rv, training=False, eps=0.0)
+    except ValueError:
+        # NB: torch 2.11's F.batch_norm rejects eps=0 in eval too; newer torch and ours accept it.
+        exp = (x - _bc(rm)) / _bc(rv).sqrt()
     torch.testing.assert_close(bnorm_ext.batch_norm(x, rm, rv, training=False, eps=0.0), exp)
 
 
@@ -317,6 +323,94 @@ def test_param_dtype_mismatch_functional_raises(device, which):
     with pytest.raises(RuntimeError):
         bnorm_ext.batch_norm(x, rm, rv, w, None, training=True)
     assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+
+def _scalar_type_name(dtype):
+    """How c10 prints a ScalarType: torch.float16 -> Half, torch.float32 -> Float."""
+    return {torch.float16: "Half", torch.float32: "Float", torch.bfloat16: "BFloat16", torch.float64: "Double"}[dtype]
+
+
+def _call_op_with_params(name, x, weight, bias):
+    """Calls torch.ops.bnorm_ext.<name> on the (half) input x with the given weight
+    and bias; float32 running/saved stats, relu for the fused ops."""
+    C = x.shape[1]
+    rm, rv = torch.zeros(C) + 0.5, torch.ones(C) * 2.0
+    mean, invstd = torch.full((C,), 5.0), torch.full((C,), 0.5)
+    nbt = torch.zeros((), dtype=torch.long)
+    if name == "batch_norm_elemt":
+        ops.batch_norm_elemt(x, weight, bias, mean, invstd)
+    elif name == "batch_norm_forward_train":
+        ops.batch_norm_forward_train(x, weight, bias, rm, rv, nbt, 0.1, 1e-5)
+    elif name == "batch_norm_forward_eval":
+        ops.batch_norm_forward_eval(x, weight, bias, rm, rv, 1e-5)
+    elif name == "batch_norm_act_forward_train":
+        ops.batch_norm_act_forward_train(x, weight, bias, rm, rv, nbt, 0.1, 1e-5, None, "relu", 0.0)
+    elif name == "batch_norm_act_forward_eval":
+        ops.batch_norm_act_forward_eval(x, weight, bias, rm, rv, 1e-5, None, "relu", 0.0)
+    elif name == "batch_norm_act_backward":
+        output = torch.relu(x)
+        ops.batch_norm_act_backward(
+            torch.randn_like(x), output, x, weight, bias, None, None, mean, invstd, None, True, 1e-5, False,
+            "relu", 0.0)
+    else:
+        raise AssertionError(name)
+
+
+# Every op that takes both weight and bias.
+OPS_WITH_WEIGHT_AND_BIAS = [
+    "batch_norm_elemt",
+    "batch_norm_forward_train",
+    "batch_norm_forward_eval",
+    "batch_norm_act_forward_train",
+    "batch_norm_act_forward_eval",
+    "batch_norm_act_backward",
+]
+
+
+@pytest.mark.parametrize("w_dtype,b_dtype", [(torch.float32, torch.float16), (torch.float16, torch.float32)],
+                         ids=["w_float32-b_float16", "w_float16-b_float32"])
+@pytest.mark.parametrize("name", OPS_WITH_WEIGHT_AND_BIAS)
+def test_op_weight_bias_dtype_mismatch_raises(name, w_dtype, b_dtype):
+    # Each dtype alone is allowed beside a half input; together the kernel
+    # would read one of them as the other's dtype.
+    x = randn_shifted((4, 3, 5, 5), torch.float16, "cpu")
+    weight = (torch.rand(3) + 0.5).to(w_dtype)
+    bias = torch.randn(3).to(b_dtype)
+    expected = (f"bnorm_ext::{name}: expected bias to have the same dtype as weight "
+                f"({_scalar_type_name(w_dtype)}), got {_scalar_type_name(b_dtype)}")
+    with pytest.raises(RuntimeError, match=re.escape(expected)):
+        _call_op_with_params(name, x, weight, bias)
+    # The same call with agreeing dtypes runs.
+    _call_op_with_params(name, x, weight.float(), bias.float())
+
+
+@pytest.mark.parametrize("name", ["batch_norm_forward_train", "batch_norm_act_forward_train"])
+def test_op_weight_bias_dtype_mismatch_leaves_running_stats(name):
+    x = randn_shifted((4, 3, 5, 5), torch.float16, "cpu")
+    C = x.shape[1]
+    rm, rv = torch.zeros(C) + 0.5, torch.ones(C) * 2.0
+    nbt = torch.zeros((), dtype=torch.long)
+    weight, bias = torch.ones(C), torch.zeros(C, dtype=torch.float16)
+    args = (x, weight, bias, rm, rv, nbt, 0.1, 1e-5)
+    if name == "batch_norm_act_forward_train":
+        args += (None, "relu", 0.0)
+    with pytest.raises(RuntimeError, match="same dtype as weight"):
+        getattr(ops, name)(*args)
+    assert torch.equal(rm, torch.full((C,), 0.5)) and torch.equal(rv, torch.full((C,), 2.0))
+    assert int(nbt) == 0
+
+
+def test_op_act_backward_differentiable_weight_bias_dtype_mismatch_raises():
+    # With a grad_out that requires grad the autograd kernel runs the composite
+    # instead of the kernel; it checks the dtypes the same way.
+    x = randn_shifted((4, 3, 5, 5), torch.float16, "cpu")
+    mean, invstd = torch.full((3,), 5.0), torch.full((3,), 0.5)
+    grad_out = torch.randn_like(x).requires_grad_()
+    with pytest.raises(RuntimeError, match=re.escape(
+            "bnorm_ext::batch_norm_act_backward: expected bias to have the same dtype as weight (Float), got Half")):
+        ops.batch_norm_act_backward(
+            grad_out, torch.relu(x), x, torch.ones(3), torch.zeros(3, dtype=torch.float16), None, None, mean, invstd,
+            None, True, 1e-5, False, "relu", 0.0)
 
 
 # ---------------------------------------------------------------------------

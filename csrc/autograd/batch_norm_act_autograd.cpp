@@ -227,13 +227,13 @@ struct BatchNormActBackward final : public Node {
 
 namespace {
 
-c10::intrusive_ptr<BatchNormActBackward> make_node(
+NodePtr<BatchNormActBackward> make_backward_node(
     bool training, double eps, const Tensor& input, const Tensor& w, const Tensor& b, const Tensor& r,
     Activation act, std::string_view activation, double negative_slope) {
   if (!torch::autograd::compute_requires_grad(input, w, b, r)) {
     return nullptr;
   }
-  auto grad_fn = c10::make_intrusive<BatchNormActBackward>(
+  auto grad_fn = make_node<BatchNormActBackward>(
       training, eps, w.defined(), b.defined(), r.defined(), act, std::string(activation), negative_slope);
   grad_fn->set_next_edges(torch::autograd::collect_next_edges(input, w, b, r));
   return grad_fn;
@@ -267,7 +267,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_act_forward_train_autograd(
   const Tensor w = defined_or_empty(weight);
   const Tensor b = defined_or_empty(bias);
   const Tensor r = defined_or_empty(residual);
-  auto grad_fn = make_node(true, eps, input, w, b, r, act, activation, negative_slope);
+  auto grad_fn = make_backward_node(true, eps, input, w, b, r, act, activation, negative_slope);
   Tensor output, save_mean, save_invstd;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -315,7 +315,7 @@ Tensor batch_norm_act_forward_eval_autograd(
   const Tensor w = defined_or_empty(weight);
   const Tensor b = defined_or_empty(bias);
   const Tensor r = defined_or_empty(residual);
-  auto grad_fn = make_node(false, eps, input, w, b, r, act, activation, negative_slope);
+  auto grad_fn = make_backward_node(false, eps, input, w, b, r, act, activation, negative_slope);
   Tensor output;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -384,6 +384,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_autograd(
     TORCH_CHECK(
         !(act == Activation::kRelu || act == Activation::kLeakyRelu) || y.defined(),
         name, ": activation '", std::string(activation), "' reads its derivative from output, which is None");
+    TORCH_CHECK(
+        !w.defined() || !b.defined() || w.scalar_type() == b.scalar_type(),
+        name, ": expected bias to have the same dtype as weight (", w.scalar_type(), "), got ", b.scalar_type());
     check_like_input(name, "output", input, output);
     check_like_input(name, "residual", input, residual);
     // NB: only silu reads the residual (its pre-activation).

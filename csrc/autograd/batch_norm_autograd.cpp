@@ -262,9 +262,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_train_autograd(
   static auto op = op_handle<ForwardTrainFn>("bnorm_ext::batch_norm_forward_train");
   const Tensor w = defined_or_empty(weight);
   const Tensor b = defined_or_empty(bias);
-  c10::intrusive_ptr<BatchNormBackward> grad_fn;
+  NodePtr<BatchNormBackward> grad_fn;
   if (torch::autograd::compute_requires_grad(input, w, b)) {
-    grad_fn = c10::make_intrusive<BatchNormBackward>(/*training=*/true, eps, w.defined());
+    grad_fn = make_node<BatchNormBackward>(/*training=*/true, eps, w.defined());
     grad_fn->set_next_edges(torch::autograd::collect_next_edges(input, w, b));
   }
   Tensor output, save_mean, save_invstd;
@@ -305,9 +305,9 @@ Tensor batch_norm_forward_eval_autograd(
   static auto op = op_handle<ForwardEvalFn>("bnorm_ext::batch_norm_forward_eval");
   const Tensor w = defined_or_empty(weight);
   const Tensor b = defined_or_empty(bias);
-  c10::intrusive_ptr<BatchNormBackward> grad_fn;
+  NodePtr<BatchNormBackward> grad_fn;
   if (torch::autograd::compute_requires_grad(input, w, b)) {
-    grad_fn = c10::make_intrusive<BatchNormBackward>(/*training=*/false, eps, w.defined());
+    grad_fn = make_node<BatchNormBackward>(/*training=*/false, eps, w.defined());
     grad_fn->set_next_edges(torch::autograd::collect_next_edges(input, w, b));
   }
   Tensor output;

@@ -4,10 +4,15 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/intrusive_ptr.h>
+#include <torch/csrc/autograd/function.h>
 
 #include <initializer_list>
+#include <memory>
 #include <optional>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace bnorm_ext {
@@ -15,6 +20,30 @@ namespace autograd {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
+
+// The smart pointer that owns autograd Nodes: std::shared_ptr<Node> in older
+// torch (2.11), c10::intrusive_ptr<Node> in newer (2.14). Read off the return
+// type of Node::getptr(), which both have, rather than a version number.
+using NodeOwner = decltype(std::declval<torch::autograd::Node&>().getptr());
+inline constexpr bool kNodesAreShared =
+    std::is_same_v<NodeOwner, std::shared_ptr<torch::autograd::Node>>;
+static_assert(
+    kNodesAreShared || std::is_same_v<NodeOwner, c10::intrusive_ptr<torch::autograd::Node>>,
+    "bnorm_ext: torch::autograd::Node::getptr() returns neither std::shared_ptr nor c10::intrusive_ptr");
+
+// NodePtr<T>: the owning pointer of a T derived from Node, which set_history
+// and collect_next_edges' users take; make_node<T>(args...) creates one.
+template <typename T>
+using NodePtr = std::conditional_t<kNodesAreShared, std::shared_ptr<T>, c10::intrusive_ptr<T>>;
+
+template <typename T, typename... Args>
+NodePtr<T> make_node(Args&&... args) {
+  if constexpr (kNodesAreShared) {
+    return std::make_shared<T>(std::forward<Args>(args)...);
+  } else {
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+  }
+}
 
 template <typename Fn>
 c10::TypedOperatorHandle<Fn> op_handle(const char* name) {
