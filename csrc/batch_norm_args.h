@@ -28,7 +28,7 @@ inline bool given(const OptTensor& t) {
 struct BatchNormShape {
   int64_t N;
   int64_t C;
-  int64_t L; // product of the spatial sizes
+  int64_t L;  // product of the spatial sizes
   bool channels_last;
   int64_t reduce_size() const {
     return N * L;
@@ -60,12 +60,7 @@ void check_params(
     std::initializer_list<std::pair<const char*, const OptTensor*>> params);
 
 // Checks a per-channel statistic (mean, invstd, sums): [C] in the acc dtype.
-void check_channel_stat(
-    const char* op,
-    const char* name,
-    const Tensor& input,
-    const Tensor& stat,
-    int64_t C);
+void check_channel_stat(const char* op, const char* name, const Tensor& input, const Tensor& stat, int64_t C);
 
 // Checks the optional running-statistics arguments of a training call:
 // momentum=None needs num_batches_tracked, which must be a one-element int64.
@@ -114,21 +109,43 @@ void check_gather_args(
 
 // All checks of each op's arguments, shared by the backends.
 BatchNormShape check_elemt_args(
-    const char* op, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-    const Tensor& mean, const Tensor& invstd);
+    const char* op,
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& bias,
+    const Tensor& mean,
+    const Tensor& invstd);
 BatchNormShape check_eval_args(
-    const char* op, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-    const Tensor& running_mean, const Tensor& running_var, double eps);
+    const char* op,
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& bias,
+    const Tensor& running_mean,
+    const Tensor& running_var,
+    double eps);
 BatchNormShape check_backward_reduce_args(
     const char* op, const Tensor& grad_out, const Tensor& input, const Tensor& mean);
 BatchNormShape check_backward_elemt_args(
-    const char* op, const Tensor& grad_out, const Tensor& input, const Tensor& mean,
-    const Tensor& invstd, const OptTensor& weight, const Tensor& sum_dy, const Tensor& sum_dy_xmu,
+    const char* op,
+    const Tensor& grad_out,
+    const Tensor& input,
+    const Tensor& mean,
+    const Tensor& invstd,
+    const OptTensor& weight,
+    const Tensor& sum_dy,
+    const Tensor& sum_dy_xmu,
     const Tensor& counts);
 BatchNormShape check_backward_args(
-    const char* op, const Tensor& grad_out, const Tensor& input, const OptTensor& weight,
-    const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& save_mean,
-    const OptTensor& save_invstd, bool training, double eps);
+    const char* op,
+    const Tensor& grad_out,
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    const OptTensor& save_mean,
+    const OptTensor& save_invstd,
+    bool training,
+    double eps);
 
 // The activation a fused op's `activation` argument names: identity, relu,
 // leaky_relu or silu (ValueError otherwise, and for leaky_relu with
@@ -160,10 +177,20 @@ void check_like_input(const char* op, const char* name, const Tensor& input, con
 // and the activation. NB: reads sizes, so not for the autograd kernel, which
 // may see symbolic ones.
 std::pair<BatchNormShape, Activation> check_act_backward_args(
-    const char* op, const Tensor& grad_out, const OptTensor& output, const Tensor& input,
-    const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
-    const OptTensor& running_var, const OptTensor& save_mean, const OptTensor& save_invstd,
-    const OptTensor& residual, bool training, double eps, std::string_view activation,
+    const char* op,
+    const Tensor& grad_out,
+    const OptTensor& output,
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& bias,
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    const OptTensor& save_mean,
+    const OptTensor& save_invstd,
+    const OptTensor& residual,
+    bool training,
+    double eps,
+    std::string_view activation,
     double negative_slope);
 
 // What the fused backward of `act` reads besides grad_out and input, dense in
@@ -172,4 +199,4 @@ std::pair<BatchNormShape, Activation> check_act_backward_args(
 std::pair<Tensor, Tensor> act_backward_operands(
     Activation act, const OptTensor& output, const OptTensor& residual, const Tensor& input);
 
-} // namespace bnorm_ext
+}  // namespace bnorm_ext

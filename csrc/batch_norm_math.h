@@ -38,9 +38,7 @@ struct WelfordData {
 // Chan et al.'s pairwise merge; exact for any split, used in a fixed order so
 // results do not depend on thread or block scheduling.
 template <typename acc_t>
-C10_HOST_DEVICE inline WelfordData<acc_t> welford_merge(
-    const WelfordData<acc_t>& a,
-    const WelfordData<acc_t>& b) {
+C10_HOST_DEVICE inline WelfordData<acc_t> welford_merge(const WelfordData<acc_t>& a, const WelfordData<acc_t>& b) {
   // NB: an empty side returns the other as is (no 0 * inf from a huge mean).
   if (a.count == acc_t(0)) {
     return b;
@@ -53,19 +51,14 @@ C10_HOST_DEVICE inline WelfordData<acc_t> welford_merge(
   const acc_t b_frac = b.count / count;
   // NB: with an infinite mean on a side, a.mean + delta * b_frac would be
   // inf - inf = NaN; the weighted average keeps +-inf, as a plain sum does.
-  const acc_t mean = std::isfinite(delta)
-      ? a.mean + delta * b_frac
-      : a.mean * (a.count / count) + b.mean * b_frac;
+  const acc_t mean = std::isfinite(delta) ? a.mean + delta * b_frac : a.mean * (a.count / count) + b.mean * b_frac;
   return {count, mean, a.m2 + b.m2 + delta * delta * a.count * b_frac};
 }
 
 // Stats of one contiguous run of `count` values known by their shifted sum
 // and the sum of squared deviations from their own mean (a two-pass result).
 template <typename acc_t>
-C10_HOST_DEVICE inline WelfordData<acc_t> welford_from_sums(
-    acc_t count,
-    acc_t shifted_sum,
-    acc_t m2) {
+C10_HOST_DEVICE inline WelfordData<acc_t> welford_from_sums(acc_t count, acc_t shifted_sum, acc_t m2) {
   if (count == acc_t(0)) {
     return {acc_t(0), acc_t(0), acc_t(0)};
   }
@@ -100,9 +93,7 @@ struct GradSums {
 };
 
 template <typename acc_t>
-C10_HOST_DEVICE inline GradSums<acc_t> grad_sums_merge(
-    const GradSums<acc_t>& a,
-    const GradSums<acc_t>& b) {
+C10_HOST_DEVICE inline GradSums<acc_t> grad_sums_merge(const GradSums<acc_t>& a, const GradSums<acc_t>& b) {
   return {a.sum_dy + b.sum_dy, a.sum_dy_xmu + b.sum_dy_xmu};
 }
 
@@ -133,18 +124,12 @@ struct NormalizeCoeffs {
 
 template <typename acc_t>
 C10_HOST_DEVICE inline NormalizeCoeffs<acc_t> normalize_coeffs(
-    acc_t mean,
-    acc_t invstd,
-    acc_t weight,
-    acc_t bias,
-    acc_t mean_lo = acc_t(0)) {
+    acc_t mean, acc_t invstd, acc_t weight, acc_t bias, acc_t mean_lo = acc_t(0)) {
   return {mean, mean_lo, weight * invstd, bias};
 }
 
 template <typename acc_t>
-C10_HOST_DEVICE inline acc_t normalize_apply(
-    const NormalizeCoeffs<acc_t>& k,
-    acc_t x) {
+C10_HOST_DEVICE inline acc_t normalize_apply(const NormalizeCoeffs<acc_t>& k, acc_t x) {
   return ((x - k.mean) - k.mean_lo) * k.scale + k.bias;
 }
 
@@ -162,54 +147,33 @@ struct BackwardCoeffs {
 
 template <typename acc_t>
 C10_HOST_DEVICE inline BackwardCoeffs<acc_t> backward_train_coeffs(
-    acc_t mean,
-    acc_t invstd,
-    acc_t weight,
-    acc_t sum_dy,
-    acc_t sum_dy_xmu,
-    acc_t count) {
+    acc_t mean, acc_t invstd, acc_t weight, acc_t sum_dy, acc_t sum_dy_xmu, acc_t count) {
   const acc_t w_invstd = weight * invstd;
   const acc_t inv_count = acc_t(1) / count;
-  return {
-      mean,
-      w_invstd,
-      -w_invstd * invstd * invstd * sum_dy_xmu * inv_count,
-      -w_invstd * sum_dy * inv_count};
+  return {mean, w_invstd, -w_invstd * invstd * invstd * sum_dy_xmu * inv_count, -w_invstd * sum_dy * inv_count};
 }
 
 template <typename acc_t>
-C10_HOST_DEVICE inline BackwardCoeffs<acc_t> backward_eval_coeffs(
-    acc_t mean,
-    acc_t invstd,
-    acc_t weight) {
+C10_HOST_DEVICE inline BackwardCoeffs<acc_t> backward_eval_coeffs(acc_t mean, acc_t invstd, acc_t weight) {
   return {mean, weight * invstd, acc_t(0), acc_t(0)};
 }
 
 template <typename acc_t>
-C10_HOST_DEVICE inline acc_t backward_apply(
-    const BackwardCoeffs<acc_t>& k,
-    acc_t dy,
-    acc_t x) {
+C10_HOST_DEVICE inline acc_t backward_apply(const BackwardCoeffs<acc_t>& k, acc_t dy, acc_t x) {
   return dy * k.dy_scale + (x - k.mean) * k.xmu_scale + k.shift;
 }
 
 // Exponential-average factor: `momentum`, or 1 / num_batches_tracked (already
 // incremented) for the cumulative average that momentum=None asks for.
 // NB: computed in double, as torch does on the host (1.0 / float(n)).
-C10_HOST_DEVICE inline double running_average_factor(
-    bool has_momentum,
-    double momentum,
-    int64_t num_batches_tracked) {
+C10_HOST_DEVICE inline double running_average_factor(bool has_momentum, double momentum, int64_t num_batches_tracked) {
   return has_momentum ? momentum : 1.0 / static_cast<double>(num_batches_tracked);
 }
 
 // running = (1 - factor) * running + factor * batch, in acc_t as torch does.
 // The variance fed in must already be unbiased (var * n / (n - 1)).
 template <typename acc_t>
-C10_HOST_DEVICE inline acc_t running_update(
-    acc_t running,
-    acc_t batch,
-    acc_t factor) {
+C10_HOST_DEVICE inline acc_t running_update(acc_t running, acc_t batch, acc_t factor) {
   return (acc_t(1) - factor) * running + factor * batch;
 }
 
@@ -246,7 +210,7 @@ C10_HOST_DEVICE inline acc_t activation_apply(acc_t z, acc_t negative_slope, con
 template <Activation A, typename acc_t>
 C10_HOST_DEVICE inline acc_t activation_grad_from_output(acc_t dy, acc_t y, acc_t negative_slope) {
   if constexpr (A == Activation::kRelu) {
-    return y <= acc_t(0) ? acc_t(0) : dy; // NB: a NaN output passes dy, as threshold_backward
+    return y <= acc_t(0) ? acc_t(0) : dy;  // NB: a NaN output passes dy, as threshold_backward
   } else if constexpr (A == Activation::kLeakyRelu) {
     return y > acc_t(0) ? dy : dy * negative_slope;
   } else {
@@ -261,4 +225,4 @@ C10_HOST_DEVICE inline acc_t silu_grad(acc_t dy, acc_t z, const Exp& exp = {}) {
   return dy * sig * (acc_t(1) + z * (acc_t(1) - sig));
 }
 
-} // namespace bnorm_ext
+}  // namespace bnorm_ext

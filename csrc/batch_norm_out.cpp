@@ -9,7 +9,7 @@
 
 #include <string_view>
 
-#include "batch_norm_checks.h"
+#include "batch_norm_args.h"
 
 namespace bnorm_ext {
 
@@ -23,8 +23,8 @@ void check_out(
   TORCH_CHECK(out.sizes() == sizes, op, ": expected ", name, " of size ", sizes, ", got ", out.sizes());
   TORCH_CHECK(out.scalar_type() == dtype, op, ": expected ", name, " of dtype ", dtype, ", got ", out.scalar_type());
   TORCH_CHECK(
-      out.device() == input.device(),
-      op, ": expected ", name, " on the input's device ", input.device(), ", got ", out.device());
+      out.device() == input.device(), op, ": expected ", name, " on the input's device ", input.device(), ", got ",
+      out.device());
   TORCH_CHECK(out.layout() == at::kStrided, op, ": expected a strided ", name, ", got layout ", out.layout());
 }
 
@@ -61,13 +61,13 @@ std::tuple<at::Tensor&, at::Tensor&, at::Tensor&> batch_norm_backward_out_generi
     at::Tensor& grad_weight,
     at::Tensor& grad_bias) {
   static auto functional = c10::Dispatcher::singleton()
-      .findSchemaOrThrow("bnorm_ext::batch_norm_backward", "")
-      .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-          const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-          const OptTensor&, const OptTensor&, bool, double)>();
+                               .findSchemaOrThrow("bnorm_ext::batch_norm_backward", "")
+                               .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                   const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                                   const OptTensor&, const OptTensor&, const OptTensor&, bool, double)>();
   const char* op = "bnorm_ext::batch_norm_backward.out";
-  auto [gi, gw, gb] = functional.call(
-      grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
+  auto [gi, gw, gb] =
+      functional.call(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
   check_out(op, "grad_input", grad_input, gi.sizes(), gi.scalar_type(), input);
   check_out(op, "grad_weight", grad_weight, gw.sizes(), gw.scalar_type(), input);
   check_out(op, "grad_bias", grad_bias, gb.sizes(), gb.scalar_type(), input);
@@ -99,15 +99,15 @@ std::tuple<at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&> batch_norm_act_ba
     at::Tensor& grad_bias,
     at::Tensor& grad_residual) {
   static auto functional = c10::Dispatcher::singleton()
-      .findSchemaOrThrow("bnorm_ext::batch_norm_act_backward", "")
-      .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-          const at::Tensor&, const OptTensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
-          const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool, double,
-          bool, std::string_view, double)>();
+                               .findSchemaOrThrow("bnorm_ext::batch_norm_act_backward", "")
+                               .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                                   const at::Tensor&, const OptTensor&, const at::Tensor&, const OptTensor&,
+                                   const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                   const OptTensor&, const OptTensor&, bool, double, bool, std::string_view, double)>();
   const char* op = "bnorm_ext::batch_norm_act_backward.out";
   auto [gi, gw, gb, gr] = functional.call(
-      grad_out, output, input, weight, bias, running_mean, running_var, save_mean, save_invstd, residual, training,
-      eps, need_grad_residual, activation, negative_slope);
+      grad_out, output, input, weight, bias, running_mean, running_var, save_mean, save_invstd, residual, training, eps,
+      need_grad_residual, activation, negative_slope);
   check_out(op, "grad_input", grad_input, gi.sizes(), gi.scalar_type(), input);
   check_out(op, "grad_weight", grad_weight, gw.sizes(), gw.scalar_type(), input);
   check_out(op, "grad_bias", grad_bias, gb.sizes(), gb.scalar_type(), input);
@@ -119,7 +119,7 @@ std::tuple<at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&> batch_norm_act_ba
   return {grad_input, grad_weight, grad_bias, grad_residual};
 }
 
-} // namespace
+}  // namespace
 
 TORCH_LIBRARY_IMPL(bnorm_ext, CompositeExplicitAutograd, m) {
   m.impl("batch_norm_backward.out", &batch_norm_backward_out_generic);
@@ -132,4 +132,4 @@ TORCH_LIBRARY_IMPL(bnorm_ext, Autograd, m) {
   m.impl("batch_norm_act_backward.out", torch::autograd::autogradNotImplementedFallback());
 }
 
-} // namespace bnorm_ext
+}  // namespace bnorm_ext

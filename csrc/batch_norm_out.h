@@ -23,4 +23,4 @@ at::Tensor dense_out_target(const at::Tensor& out, const at::Tensor& input);
 // out.copy_(written) unless `written` is `out`.
 void copy_back(const at::Tensor& out, const at::Tensor& written);
 
-} // namespace bnorm_ext
+}  // namespace bnorm_ext

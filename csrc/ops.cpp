@@ -27,14 +27,11 @@ static PyObject* build_info(PyObject*, PyObject*) {
 #endif
   const bnorm_ext::cpu::CpuIsa isa = bnorm_ext::cpu::cpu_isa();
   const char* cpu_isa = isa == bnorm_ext::cpu::CpuIsa::kAvx512 ? "avx512"
-      : isa == bnorm_ext::cpu::CpuIsa::kAvx2                    ? "avx2"
-                                                                : "default";
+                        : isa == bnorm_ext::cpu::CpuIsa::kAvx2 ? "avx2"
+                                                               : "default";
   return Py_BuildValue(
-      "{s:O,s:s,s:O,s:s}",
-      "cuda_compiled", cuda,
-      "cuda_archs", BNORM_EXT_CUDA_ARCHS,
-      "debug", debug,
-      "cpu_isa", cpu_isa);
+      "{s:O,s:s,s:O,s:s}", "cuda_compiled", cuda, "cuda_archs", BNORM_EXT_CUDA_ARCHS, "debug", debug, "cpu_isa",
+      cpu_isa);
 }
 
 // Single-read kernels launched so far in this process (an int).
@@ -63,14 +60,12 @@ static PyObject* simulate_cooperative_launch(PyObject*, PyObject* args) {
     return nullptr;
   }
   bool attempted = false, launched = false;
-  Py_BEGIN_ALLOW_THREADS
-  const void* kernel = reinterpret_cast<const void*>(static_cast<uintptr_t>(kernel_id));
+  Py_BEGIN_ALLOW_THREADS const void* kernel = reinterpret_cast<const void*>(static_cast<uintptr_t>(kernel_id));
   launched = bnorm_ext::cuda::launch_cooperative_recorded(kernel, device, grid, capturing != 0, [&] {
     attempted = true;
     return refuse ? bnorm_ext::cuda::CooperativeOutcome::kTooLarge : bnorm_ext::cuda::CooperativeOutcome::kLaunched;
   });
-  Py_END_ALLOW_THREADS
-  return Py_BuildValue("(OO)", attempted ? Py_True : Py_False, launched ? Py_True : Py_False);
+  Py_END_ALLOW_THREADS return Py_BuildValue("(OO)", attempted ? Py_True : Py_False, launched ? Py_True : Py_False);
 }
 
 static PyMethodDef methods[] = {
@@ -85,8 +80,7 @@ static PyMethodDef methods[] = {
     {nullptr, nullptr, 0, nullptr}};
 
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }
@@ -103,8 +97,7 @@ TORCH_LIBRARY(bnorm_ext, m) {
   // default for custom ops, needs_exact_strides).
   const std::vector<at::Tag> any_strides = {at::Tag::flexible_layout};
   // Per-channel mean and biased variance of the input.
-  m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)",
-      any_strides);
+  m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)", any_strides);
   // Merges per-process (mean, var, count) in a fixed order; updates running
   // stats (unbiased var); returns the global mean and invstd.
   m.def(

@@ -28,14 +28,42 @@ using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
 using ActForwardTrainFn = std::tuple<Tensor, Tensor, Tensor>(
-    const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-    std::optional<double>, double, const OptTensor&, std::string_view, double);
+    const Tensor&,
+    const OptTensor&,
+    const OptTensor&,
+    const OptTensor&,
+    const OptTensor&,
+    const OptTensor&,
+    std::optional<double>,
+    double,
+    const OptTensor&,
+    std::string_view,
+    double);
 using ActForwardEvalFn = Tensor(
-    const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, double, const OptTensor&,
-    std::string_view, double);
+    const Tensor&,
+    const OptTensor&,
+    const OptTensor&,
+    const Tensor&,
+    const Tensor&,
+    double,
+    const OptTensor&,
+    std::string_view,
+    double);
 using ActBackwardFn = std::tuple<Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const OptTensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-    const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool, double, bool, std::string_view,
+    const Tensor&,
+    const OptTensor&,
+    const Tensor&,
+    const OptTensor&,
+    const OptTensor&,
+    const OptTensor&,
+    const OptTensor&,
+    const OptTensor&,
+    const OptTensor&,
+    const OptTensor&,
+    bool,
+    double,
+    bool,
+    std::string_view,
     double);
 
 namespace {
@@ -72,11 +100,7 @@ Tensor pre_activation(
 // alike: the activation is elementwise). relu/leaky_relu read the sign from
 // output (y > 0 exactly when z > 0); silu needs z. Composite; acc dtype.
 Tensor activation_derivative_times(
-    const Tensor& g,
-    Activation act,
-    double negative_slope,
-    const Tensor& output,
-    const std::function<Tensor()>& z) {
+    const Tensor& g, Activation act, double negative_slope, const Tensor& output, const std::function<Tensor()>& z) {
   switch (act) {
     case Activation::kRelu:
       // NB: a NaN output passes g, as threshold_backward.
@@ -142,14 +166,20 @@ Tensor act_output_tangent(
   return activation_derivative_times(z_t, act, negative_slope, output, z).to(output.scalar_type());
 }
 
-} // namespace
+}  // namespace
 
 // Backward node of the two fused forward ops. Training: the saved batch
 // statistics (outputs 1 and 2, differentiable too); eval: running statistics.
 struct BatchNormActBackward final : public Node {
   BatchNormActBackward(
-      bool training, double eps, bool has_weight, bool has_bias, bool has_residual, Activation act,
-      std::string activation, double negative_slope)
+      bool training,
+      double eps,
+      bool has_weight,
+      bool has_bias,
+      bool has_residual,
+      Activation act,
+      std::string activation,
+      double negative_slope)
       : training_(training),
         eps_(eps),
         has_weight_(has_weight),
@@ -189,11 +219,13 @@ struct BatchNormActBackward final : public Node {
     const bool need_grad_residual = has_residual_ && task_should_compute_output(3);
     Tensor grad_input, grad_weight, grad_bias, grad_residual;
     if (grads[0].defined()) {
-      std::tie(grad_input, grad_weight, grad_bias, grad_residual) = training_
-          ? backward_op.call(grads[0], opt(output), input, opt(weight), opt(bias), std::nullopt, std::nullopt, mean,
-                             invstd_or_var, opt(residual), true, eps_, need_grad_residual, activation_, negative_slope_)
-          : backward_op.call(grads[0], opt(output), input, opt(weight), opt(bias), mean, invstd_or_var, std::nullopt,
-                             std::nullopt, opt(residual), false, eps_, need_grad_residual, activation_, negative_slope_);
+      std::tie(grad_input, grad_weight, grad_bias, grad_residual) =
+          training_ ? backward_op.call(
+                          grads[0], opt(output), input, opt(weight), opt(bias), std::nullopt, std::nullopt, mean,
+                          invstd_or_var, opt(residual), true, eps_, need_grad_residual, activation_, negative_slope_)
+                    : backward_op.call(
+                          grads[0], opt(output), input, opt(weight), opt(bias), mean, invstd_or_var, std::nullopt,
+                          std::nullopt, opt(residual), false, eps_, need_grad_residual, activation_, negative_slope_);
     }
     if (training_ && grads.size() > 1) {
       const Tensor from_stats = grad_input_from_stats(input, mean, invstd_or_var, grads[1], grads[2]);
@@ -218,18 +250,25 @@ struct BatchNormActBackward final : public Node {
   double negative_slope_;
   SavedVariable input_;
   SavedVariable weight_;
-  SavedVariable bias_; // silu only
-  SavedVariable mean_; // training: save_mean (an output); eval: running_mean
-  SavedVariable invstd_or_var_; // training: save_invstd (an output); eval: running_var
-  SavedVariable output_; // relu / leaky_relu only
-  SavedVariable residual_; // silu only
+  SavedVariable bias_;           // silu only
+  SavedVariable mean_;           // training: save_mean (an output); eval: running_mean
+  SavedVariable invstd_or_var_;  // training: save_invstd (an output); eval: running_var
+  SavedVariable output_;         // relu / leaky_relu only
+  SavedVariable residual_;       // silu only
 };
 
 namespace {
 
 NodePtr<BatchNormActBackward> make_backward_node(
-    bool training, double eps, const Tensor& input, const Tensor& w, const Tensor& b, const Tensor& r,
-    Activation act, std::string_view activation, double negative_slope) {
+    bool training,
+    double eps,
+    const Tensor& input,
+    const Tensor& w,
+    const Tensor& b,
+    const Tensor& r,
+    Activation act,
+    std::string_view activation,
+    double negative_slope) {
   if (!torch::autograd::compute_requires_grad(input, w, b, r)) {
     return nullptr;
   }
@@ -272,8 +311,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_act_forward_train_autograd(
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     std::tie(output, save_mean, save_invstd) = op.redispatch(
-        ks & c10::after_autograd_keyset, input, weight, bias, running_mean, running_var, num_batches_tracked,
-        momentum, eps, residual, activation, negative_slope);
+        ks & c10::after_autograd_keyset, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+        eps, residual, activation, negative_slope);
   }
   // NB: tangents first: a SavedVariable keeps the tangent its tensor has when saved.
   if (any_tangent({input, w, b, r})) {
@@ -336,7 +375,8 @@ Tensor batch_norm_act_forward_eval_autograd(
     const Tensor bn_t = std::get<0>(batch_norm_forward_jvp(
         primal(input), tangent(input), primal(w), tangent(w), tangent(b), primal(running_mean), invstd, false));
     const Tensor output_t = act_output_tangent(bn_t, tangent(r), act, negative_slope, output, [&] {
-      return pre_activation(primal(input), opt(primal(w)), opt(primal(b)), primal(running_mean), invstd, opt(primal(r)));
+      return pre_activation(
+          primal(input), opt(primal(w)), opt(primal(b)), primal(running_mean), invstd, opt(primal(r)));
     });
     output._set_fw_grad(output_t, /*level=*/0, /*is_inplace_op=*/false);
   }
@@ -377,16 +417,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_autograd(
     // Same argument checks as the kernel before the composite runs.
     const Activation act = parse_activation(name, activation, negative_slope);
     if (training) {
-      TORCH_CHECK(save_mean.has_value() && save_invstd.has_value(), name, ": training=True needs save_mean and save_invstd");
+      TORCH_CHECK(
+          save_mean.has_value() && save_invstd.has_value(), name, ": training=True needs save_mean and save_invstd");
     } else {
-      TORCH_CHECK(running_mean.has_value() && running_var.has_value(), name, ": training=False needs running_mean and running_var");
+      TORCH_CHECK(
+          running_mean.has_value() && running_var.has_value(), name,
+          ": training=False needs running_mean and running_var");
     }
     TORCH_CHECK(
-        !(act == Activation::kRelu || act == Activation::kLeakyRelu) || y.defined(),
-        name, ": activation '", std::string(activation), "' reads its derivative from output, which is None");
+        !(act == Activation::kRelu || act == Activation::kLeakyRelu) || y.defined(), name, ": activation '",
+        std::string(activation), "' reads its derivative from output, which is None");
     TORCH_CHECK(
-        !w.defined() || !b.defined() || w.scalar_type() == b.scalar_type(),
-        name, ": expected bias to have the same dtype as weight (", w.scalar_type(), "), got ", b.scalar_type());
+        !w.defined() || !b.defined() || w.scalar_type() == b.scalar_type(), name,
+        ": expected bias to have the same dtype as weight (", w.scalar_type(), "), got ", b.scalar_type());
     check_like_input(name, "output", input, output);
     check_like_input(name, "residual", input, residual);
     // NB: only silu reads the residual (its pre-activation).
@@ -400,7 +443,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_autograd(
       save_invstd, residual, training, eps, need_grad_residual, activation, negative_slope);
 }
 
-} // namespace
+}  // namespace
 
 TORCH_LIBRARY_IMPL(bnorm_ext, Autograd, m) {
   m.impl("batch_norm_act_forward_train", &batch_norm_act_forward_train_autograd);
@@ -408,5 +451,5 @@ TORCH_LIBRARY_IMPL(bnorm_ext, Autograd, m) {
   m.impl("batch_norm_act_backward", &batch_norm_act_backward_autograd);
 }
 
-} // namespace autograd
-} // namespace bnorm_ext
+}  // namespace autograd
+}  // namespace bnorm_ext

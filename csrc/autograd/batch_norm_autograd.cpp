@@ -24,17 +24,34 @@ using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
 using ForwardTrainFn = std::tuple<Tensor, Tensor, Tensor>(
-    const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-    const OptTensor&, const OptTensor&, std::optional<double>, double);
-using ForwardEvalFn = Tensor(
-    const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
-    const Tensor&, double);
+    const Tensor&,
+    const OptTensor&,
+    const OptTensor&,
+    const OptTensor&,
+    const OptTensor&,
+    const OptTensor&,
+    std::optional<double>,
+    double);
+using ForwardEvalFn = Tensor(const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, double);
 using BackwardFn = std::tuple<Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-    const OptTensor&, const OptTensor&, const OptTensor&, bool, double);
+    const Tensor&,
+    const Tensor&,
+    const OptTensor&,
+    const OptTensor&,
+    const OptTensor&,
+    const OptTensor&,
+    const OptTensor&,
+    bool,
+    double);
 using ForwardJvpFn = std::tuple<Tensor, Tensor, Tensor>(
-    const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-    const OptTensor&, const Tensor&, const Tensor&, bool);
+    const Tensor&,
+    const OptTensor&,
+    const OptTensor&,
+    const OptTensor&,
+    const OptTensor&,
+    const Tensor&,
+    const Tensor&,
+    bool);
 
 Tensor defined_or_empty(const OptTensor& t) {
   return t.has_value() ? *t : Tensor();
@@ -151,7 +168,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_composite(
   Tensor grad_input;
   if (training) {
     grad_input = per_channel(scale, dim) *
-        (g - (per_channel(grad_bias, dim) + xhat * per_channel(grad_weight, dim)) / reduce_count(input));
+                 (g - (per_channel(grad_bias, dim) + xhat * per_channel(grad_weight, dim)) / reduce_count(input));
   } else {
     grad_input = g * per_channel(scale, dim);
   }
@@ -169,11 +186,7 @@ bool any_tangent(std::initializer_list<Tensor> tensors) {
 }
 
 Tensor grad_input_from_stats(
-    const Tensor& input,
-    const Tensor& mean,
-    const Tensor& invstd,
-    const Tensor& grad_mean,
-    const Tensor& grad_invstd) {
+    const Tensor& input, const Tensor& mean, const Tensor& invstd, const Tensor& grad_mean, const Tensor& grad_invstd) {
   if (!grad_mean.defined() && !grad_invstd.defined()) {
     return Tensor();
   }
@@ -187,9 +200,8 @@ Tensor grad_input_from_stats(
   }
   if (grad_invstd.defined()) {
     const Tensor invstd_acc = invstd.to(acc);
-    from_stats = from_stats -
-        per_channel(grad_invstd.to(acc) * invstd_acc * invstd_acc * invstd_acc, dim) *
-            (input.to(acc) - per_channel(mean.to(acc), dim)) / count;
+    from_stats = from_stats - per_channel(grad_invstd.to(acc) * invstd_acc * invstd_acc * invstd_acc, dim) *
+                                  (input.to(acc) - per_channel(mean.to(acc), dim)) / count;
   }
   return from_stats.to(input.scalar_type());
 }
@@ -224,9 +236,11 @@ struct BatchNormBackward final : public Node {
     const OptTensor weight_opt = has_weight_ ? OptTensor(weight) : std::nullopt;
     Tensor grad_input, grad_weight, grad_bias;
     if (grads[0].defined()) {
-      std::tie(grad_input, grad_weight, grad_bias) = training_
-          ? backward_op.call(grads[0], input, weight_opt, std::nullopt, std::nullopt, mean, invstd_or_var, true, eps_)
-          : backward_op.call(grads[0], input, weight_opt, mean, invstd_or_var, std::nullopt, std::nullopt, false, eps_);
+      std::tie(grad_input, grad_weight, grad_bias) =
+          training_ ? backward_op.call(
+                          grads[0], input, weight_opt, std::nullopt, std::nullopt, mean, invstd_or_var, true, eps_)
+                    : backward_op.call(
+                          grads[0], input, weight_opt, mean, invstd_or_var, std::nullopt, std::nullopt, false, eps_);
     }
     if (training_ && grads.size() > 1) {
       const Tensor from_stats = grad_input_from_stats(input, mean, invstd_or_var, grads[1], grads[2]);
@@ -245,8 +259,8 @@ struct BatchNormBackward final : public Node {
   bool has_weight_;
   SavedVariable input_;
   SavedVariable weight_;
-  SavedVariable mean_; // training: save_mean (an output); eval: running_mean
-  SavedVariable invstd_or_var_; // training: save_invstd (an output); eval: running_var
+  SavedVariable mean_;           // training: save_mean (an output); eval: running_mean
+  SavedVariable invstd_or_var_;  // training: save_invstd (an output); eval: running_var
 };
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_train_autograd(
@@ -271,8 +285,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_train_autograd(
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     std::tie(output, save_mean, save_invstd) = op.redispatch(
-        ks & c10::after_autograd_keyset, input, weight, bias, running_mean, running_var,
-        num_batches_tracked, momentum, eps);
+        ks & c10::after_autograd_keyset, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+        eps);
   }
   // NB: tangents first: a SavedVariable keeps the tangent its tensor has when saved.
   if (any_tangent({input, w, b})) {
@@ -354,19 +368,21 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_autograd(
       any_tangent({grad_out, input, w, sm, si, rm, rv})) {
     // Same argument checks as the kernel before the composite runs.
     if (training) {
-      TORCH_CHECK(save_mean.has_value() && save_invstd.has_value(),
-                  "bnorm_ext::batch_norm_backward: training=True needs save_mean and save_invstd");
+      TORCH_CHECK(
+          save_mean.has_value() && save_invstd.has_value(),
+          "bnorm_ext::batch_norm_backward: training=True needs save_mean and save_invstd");
     } else {
-      TORCH_CHECK(running_mean.has_value() && running_var.has_value(),
-                  "bnorm_ext::batch_norm_backward: training=False needs running_mean and running_var");
+      TORCH_CHECK(
+          running_mean.has_value() && running_var.has_value(),
+          "bnorm_ext::batch_norm_backward: training=False needs running_mean and running_var");
     }
     return batch_norm_backward_composite(
         grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
   }
   at::AutoDispatchBelowADInplaceOrView guard;
   return op.redispatch(
-      ks & c10::after_autograd_keyset, grad_out, input, weight, running_mean, running_var, save_mean,
-      save_invstd, training, eps);
+      ks & c10::after_autograd_keyset, grad_out, input, weight, running_mean, running_var, save_mean, save_invstd,
+      training, eps);
 }
 
 TORCH_LIBRARY_IMPL(bnorm_ext, Autograd, m) {
@@ -375,8 +391,9 @@ TORCH_LIBRARY_IMPL(bnorm_ext, Autograd, m) {
   m.impl("batch_norm_backward", &batch_norm_backward_autograd);
   // The SyncBatchNorm building blocks are differentiated by SyncBatchNormFunction;
   // called directly, they raise when a derivative (reverse or forward) is needed.
-  for (const char* name : {"batch_norm_stats", "batch_norm_gather_stats", "batch_norm_elemt",
-                           "batch_norm_backward_reduce", "batch_norm_backward_elemt"}) {
+  for (const char* name :
+       {"batch_norm_stats", "batch_norm_gather_stats", "batch_norm_elemt", "batch_norm_backward_reduce",
+        "batch_norm_backward_elemt"}) {
     m.impl(name, torch::autograd::autogradNotImplementedFallback());
   }
 }
@@ -385,5 +402,5 @@ TORCH_LIBRARY_IMPL(bnorm_ext, CompositeImplicitAutograd, m) {
   m.impl("batch_norm_forward_jvp", &batch_norm_forward_jvp);
 }
 
-} // namespace autograd
-} // namespace bnorm_ext
+}  // namespace autograd
+}  // namespace bnorm_ext

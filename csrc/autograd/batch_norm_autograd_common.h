@@ -25,8 +25,7 @@ using OptTensor = std::optional<Tensor>;
 // torch (2.11), c10::intrusive_ptr<Node> in newer (2.14). Read off the return
 // type of Node::getptr(), which both have, rather than a version number.
 using NodeOwner = decltype(std::declval<torch::autograd::Node&>().getptr());
-inline constexpr bool kNodesAreShared =
-    std::is_same_v<NodeOwner, std::shared_ptr<torch::autograd::Node>>;
+inline constexpr bool kNodesAreShared = std::is_same_v<NodeOwner, std::shared_ptr<torch::autograd::Node>>;
 static_assert(
     kNodesAreShared || std::is_same_v<NodeOwner, c10::intrusive_ptr<torch::autograd::Node>>,
     "bnorm_ext: torch::autograd::Node::getptr() returns neither std::shared_ptr nor c10::intrusive_ptr");
@@ -69,19 +68,30 @@ std::vector<int64_t> reduce_dims(int64_t dim);
 
 // The ATen composites of the plain ops (see batch_norm_autograd.cpp).
 std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_jvp(
-    const Tensor& input, const OptTensor& input_t, const OptTensor& weight, const OptTensor& weight_t,
-    const OptTensor& bias_t, const Tensor& mean, const Tensor& invstd, bool training);
+    const Tensor& input,
+    const OptTensor& input_t,
+    const OptTensor& weight,
+    const OptTensor& weight_t,
+    const OptTensor& bias_t,
+    const Tensor& mean,
+    const Tensor& invstd,
+    bool training);
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_composite(
-    const Tensor& grad_out, const Tensor& input, const OptTensor& weight, const OptTensor& running_mean,
-    const OptTensor& running_var, const OptTensor& save_mean, const OptTensor& save_invstd, bool training,
+    const Tensor& grad_out,
+    const Tensor& input,
+    const OptTensor& weight,
+    const OptTensor& running_mean,
+    const OptTensor& running_var,
+    const OptTensor& save_mean,
+    const OptTensor& save_invstd,
+    bool training,
     double eps);
 
 // The input gradient that reaches a training forward through its save_mean
 // and save_invstd outputs (grad_mean / grad_invstd may be undefined: zero);
 // input dtype, undefined when both are.
 Tensor grad_input_from_stats(
-    const Tensor& input, const Tensor& mean, const Tensor& invstd, const Tensor& grad_mean,
-    const Tensor& grad_invstd);
+    const Tensor& input, const Tensor& mean, const Tensor& invstd, const Tensor& grad_mean, const Tensor& grad_invstd);
 
-} // namespace autograd
-} // namespace bnorm_ext
+}  // namespace autograd
+}  // namespace bnorm_ext

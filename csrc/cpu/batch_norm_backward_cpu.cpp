@@ -34,13 +34,11 @@ struct GradOutOnly {
 namespace {
 
 std::vector<Sums> grad_sums_any(
-    const Tensor& dy,
-    const Tensor& x,
-    const BatchNormShape& s,
-    const std::vector<double>& mean) {
+    const Tensor& dy, const Tensor& x, const BatchNormShape& s, const std::vector<double>& mean) {
   std::vector<Sums> sums;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_backward_reduce_cpu", [&] {
-    sums = BNORM_EXT_CPU_DISPATCH(grad_sums<scalar_t>(GradOutOnly<scalar_t>{dy.const_data_ptr<scalar_t>()}, x, s, mean));
+    sums =
+        BNORM_EXT_CPU_DISPATCH(grad_sums<scalar_t>(GradOutOnly<scalar_t>{dy.const_data_ptr<scalar_t>()}, x, s, mean));
   });
   return sums;
 }
@@ -58,9 +56,11 @@ Tensor grad_input_any(
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_backward_elemt_cpu", [&] {
     if (training) {
-      BNORM_EXT_CPU_DISPATCH(grad_input<scalar_t, true>(GradOutOnly<scalar_t>{dy.const_data_ptr<scalar_t>()}, x, dx, nullptr, s, coeffs));
+      BNORM_EXT_CPU_DISPATCH(
+          grad_input<scalar_t, true>(GradOutOnly<scalar_t>{dy.const_data_ptr<scalar_t>()}, x, dx, nullptr, s, coeffs));
     } else {
-      BNORM_EXT_CPU_DISPATCH(grad_input<scalar_t, false>(GradOutOnly<scalar_t>{dy.const_data_ptr<scalar_t>()}, x, dx, nullptr, s, coeffs));
+      BNORM_EXT_CPU_DISPATCH(
+          grad_input<scalar_t, false>(GradOutOnly<scalar_t>{dy.const_data_ptr<scalar_t>()}, x, dx, nullptr, s, coeffs));
     }
   });
   return dx;
@@ -72,12 +72,11 @@ Tensor dense_grad(const Tensor& grad_out, const Tensor& input) {
 }
 
 std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cpu(
-    const Tensor& grad_out,
-    const Tensor& input,
-    const Tensor& mean) {
+    const Tensor& grad_out, const Tensor& input, const Tensor& mean) {
   const char* op = "bnorm_ext::batch_norm_backward_reduce";
   const BatchNormShape s = check_backward_reduce_args(op, grad_out, input, mean);
-  const std::vector<Sums> sums = grad_sums_any(dense_grad(grad_out, input), dense_input(input), s, param_values(mean, s.C, 0.0));
+  const std::vector<Sums> sums =
+      grad_sums_any(dense_grad(grad_out, input), dense_input(input), s, param_values(mean, s.C, 0.0));
   std::vector<double> sum_dy(s.C), sum_dy_xmu(s.C);
   for (int64_t c = 0; c < s.C; ++c) {
     sum_dy[c] = sums[c].sum_dy;
@@ -97,7 +96,8 @@ Tensor batch_norm_backward_elemt_cpu(
     const Tensor& sum_dy_xmu,
     const Tensor& counts) {
   const char* op = "bnorm_ext::batch_norm_backward_elemt";
-  const BatchNormShape s = check_backward_elemt_args(op, grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, counts);
+  const BatchNormShape s =
+      check_backward_elemt_args(op, grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, counts);
   const double count = counts.to(at::kDouble).sum().item<double>();
   const std::vector<double> m = param_values(mean, s.C, 0.0);
   const std::vector<double> is = param_values(invstd, s.C, 0.0);
@@ -150,16 +150,17 @@ ParamGrads batch_norm_backward_into(
   std::vector<Sums> sums;
   if (training && use_channel_fused_path(s, 2, input.element_size())) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_backward_cpu", [&] {
-      sums = BNORM_EXT_CPU_DISPATCH(train_backward_channel_fused<scalar_t>(GradOutOnly<scalar_t>{dy.const_data_ptr<scalar_t>()}, x, grad_in, nullptr, s, mean, invstd, w));
+      sums = BNORM_EXT_CPU_DISPATCH(
+          train_backward_channel_fused<scalar_t>(
+              GradOutOnly<scalar_t>{dy.const_data_ptr<scalar_t>()}, x, grad_in, nullptr, s, mean, invstd, w));
     });
   } else {
     sums = grad_sums_any(dy, x, s, mean);
     const double count = static_cast<double>(s.reduce_size());
     std::vector<BackwardCoeffs<double>> coeffs(s.C);
     for (int64_t c = 0; c < s.C; ++c) {
-      coeffs[c] = training
-          ? backward_train_coeffs(mean[c], invstd[c], w[c], sums[c].sum_dy, sums[c].sum_dy_xmu, count)
-          : backward_eval_coeffs(mean[c], invstd[c], w[c]);
+      coeffs[c] = training ? backward_train_coeffs(mean[c], invstd[c], w[c], sums[c].sum_dy, sums[c].sum_dy_xmu, count)
+                           : backward_eval_coeffs(mean[c], invstd[c], w[c]);
     }
     grad_input_any(dy, x, s, coeffs, training, grad_in);
   }
@@ -186,7 +187,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     bool training,
     double eps) {
   const char* op = "bnorm_ext::batch_norm_backward";
-  const BatchNormShape s = check_backward_args(op, grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
+  const BatchNormShape s = check_backward_args(
+      op, grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
   Tensor grad_in = at::empty_like(input, output_memory_format(input));
   const ParamGrads grads = batch_norm_backward_into(
       s, grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps, grad_in);
@@ -209,7 +211,8 @@ std::tuple<Tensor&, Tensor&, Tensor&> batch_norm_backward_out_cpu(
     Tensor& grad_weight,
     Tensor& grad_bias) {
   const char* op = "bnorm_ext::batch_norm_backward.out";
-  const BatchNormShape s = check_backward_args(op, grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
+  const BatchNormShape s = check_backward_args(
+      op, grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
   const auto param_type = param_grad_type(weight, input);
   check_out(op, "grad_input", grad_input, input.sizes(), input.scalar_type(), input);
   check_out(op, "grad_weight", grad_weight, {s.C}, param_type, input);
@@ -223,7 +226,7 @@ std::tuple<Tensor&, Tensor&, Tensor&> batch_norm_backward_out_cpu(
   return {grad_input, grad_weight, grad_bias};
 }
 
-} // namespace
+}  // namespace
 
 TORCH_LIBRARY_IMPL(bnorm_ext, CPU, m) {
   m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cpu);
@@ -232,5 +235,5 @@ TORCH_LIBRARY_IMPL(bnorm_ext, CPU, m) {
   m.impl("batch_norm_backward.out", &batch_norm_backward_out_cpu);
 }
 
-} // namespace cpu
-} // namespace bnorm_ext
+}  // namespace cpu
+}  // namespace bnorm_ext

@@ -31,12 +31,10 @@ CpuIsa cpu_isa();
 
 // Makes the function call given with the kernel build that cpu_isa() names;
 // every build is the same templates (batch_norm_*_cpu_kernels.inc).
-#define BNORM_EXT_CPU_DISPATCH(...)                                        \
-  (::bnorm_ext::cpu::cpu_isa() == ::bnorm_ext::cpu::CpuIsa::kAvx512        \
-       ? isa_avx512::__VA_ARGS__                                           \
-       : ::bnorm_ext::cpu::cpu_isa() == ::bnorm_ext::cpu::CpuIsa::kAvx2    \
-           ? isa_avx2::__VA_ARGS__                                         \
-           : isa_default::__VA_ARGS__)
+#define BNORM_EXT_CPU_DISPATCH(...)                                                           \
+  (::bnorm_ext::cpu::cpu_isa() == ::bnorm_ext::cpu::CpuIsa::kAvx512 ? isa_avx512::__VA_ARGS__ \
+   : ::bnorm_ext::cpu::cpu_isa() == ::bnorm_ext::cpu::CpuIsa::kAvx2 ? isa_avx2::__VA_ARGS__   \
+                                                                    : isa_default::__VA_ARGS__)
 
 // A per-channel tensor ([C], any dtype, or None -> fallback) as C doubles.
 std::vector<double> param_values(const OptTensor& p, int64_t C, double fallback);
@@ -50,7 +48,7 @@ Tensor channel_tensor(const std::vector<double>& v, const Tensor& input, at::Sca
 
 // Increments num_batches_tracked (if given) and updates the running stats
 // (if given) from absolute per-channel statistics, as torch does
-// (batch_norm_forward_cpu.cpp, as the two below).
+// (defined in batch_norm_cpu.cpp, as everything declared here).
 void update_running_stats_cpu(
     const OptTensor& running_mean,
     const OptTensor& running_var,
@@ -70,5 +68,5 @@ ChannelMoments channel_moments(const std::vector<WelfordData<double>>& stats, st
 // save_mean and save_invstd ([C], acc dtype) from absolute statistics.
 std::tuple<Tensor, Tensor> saved_stats(const ChannelMoments& m, const Tensor& input);
 
-} // namespace cpu
-} // namespace bnorm_ext
+}  // namespace cpu
+}  // namespace bnorm_ext

@@ -129,7 +129,7 @@ constexpr int64_t kRunIters = 16;
 // 88.7228, 0 below -104, NaN for NaN.
 C10_ALWAYS_INLINE float exp_branch_free(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kRound = 12582912.0f; // 1.5 * 2^23: adding it rounds to an integer
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   constexpr float kLn2Hi = 0.693359375f;
   constexpr float kLn2Lo = -2.12194440e-4f;
   const auto bits = [](float f) {
@@ -137,7 +137,7 @@ C10_ALWAYS_INLINE float exp_branch_free(float x) {
     std::memcpy(&i, &f, sizeof(i));
     return i;
   };
-  const auto pow2 = [](int32_t n) { // 2^n, -126 <= n <= 127
+  const auto pow2 = [](int32_t n) {  // 2^n, -126 <= n <= 127
     const int32_t i = (n + 127) << 23;
     float f;
     std::memcpy(&f, &i, sizeof(f));
@@ -194,8 +194,8 @@ struct ClTask {
 struct ClGrid {
   int64_t M;
   int64_t C;
-  int64_t width; // channels per slab
-  int64_t rows; // rows per chunk
+  int64_t width;  // channels per slab
+  int64_t rows;   // rows per chunk
   int64_t slabs;
   int64_t chunks;
 
@@ -241,8 +241,9 @@ struct InputGrad {
   using elem_t = elem_type<scalar_t>;
   using Coeffs = BackwardCoeffs<elem_t>;
   static Coeffs coeffs(const BackwardCoeffs<double>& k) {
-    return {static_cast<elem_t>(k.mean), static_cast<elem_t>(k.dy_scale), static_cast<elem_t>(k.xmu_scale),
-            static_cast<elem_t>(k.shift)};
+    return {
+        static_cast<elem_t>(k.mean), static_cast<elem_t>(k.dy_scale), static_cast<elem_t>(k.xmu_scale),
+        static_cast<elem_t>(k.shift)};
   }
   static elem_t apply(const Coeffs& k, elem_t dy, elem_t x) {
     return backward_apply(k, dy, x);
@@ -260,5 +261,5 @@ struct InputGrad<float> {
   }
 };
 
-} // namespace cpu
-} // namespace bnorm_ext
+}  // namespace cpu
+}  // namespace bnorm_ext

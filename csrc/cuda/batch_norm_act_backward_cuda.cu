@@ -43,7 +43,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cuda(
   const Activation act = checked.second;
   const auto acc = acc_scalar_type(input.scalar_type());
   c10::cuda::CUDAGuard guard(input.device());
-  const std::pair<Tensor, Tensor> stats = backward_stats(training, save_mean, save_invstd, running_mean, running_var, eps, acc);
+  const std::pair<Tensor, Tensor> stats =
+      backward_stats(training, save_mean, save_invstd, running_mean, running_var, eps, acc);
   const Tensor& mean = stats.first;
   const Tensor& invstd = stats.second;
   const auto param_options = input.options().dtype(given(weight) ? weight->scalar_type() : acc);
@@ -77,16 +78,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cuda(
     });
   };
   // NB: weight and bias share a dtype (checked); only they are read as param_t.
-  backward_passes(dense_grad(grad_out, input), dense_input(input), dx, s, mean, invstd, w, grad_weight, grad_bias,
-                  training, param_scalar_type(input, {&weight, &bias}), with_prologue);
+  backward_passes(
+      dense_grad(grad_out, input), dense_input(input), dx, s, mean, invstd, w, grad_weight, grad_bias, training,
+      param_scalar_type(input, {&weight, &bias}), with_prologue);
   return {dx, grad_weight, grad_bias, grad_residual};
 }
 
-} // namespace
+}  // namespace
 
 TORCH_LIBRARY_IMPL(bnorm_ext, CUDA, m) {
   m.impl("batch_norm_act_backward", &batch_norm_act_backward_cuda);
 }
 
-} // namespace cuda
-} // namespace bnorm_ext
+}  // namespace cuda
+}  // namespace bnorm_ext

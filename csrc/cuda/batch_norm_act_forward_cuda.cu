@@ -42,12 +42,14 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_act_forward_train_cuda(
     double negative_slope) {
   const char* op = "bnorm_ext::batch_norm_act_forward_train";
   // NB: every check before forward_train, which updates the running statistics.
-  const BatchNormShape s = check_train_args(op, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps);
+  const BatchNormShape s =
+      check_train_args(op, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps);
   const Activation act = parse_activation(op, activation, negative_slope);
   check_like_input(op, "residual", input, residual);
   const Tensor res = dense_like_input(residual, input);
-  return forward_train(s, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                       residual_activation(res, act, negative_slope));
+  return forward_train(
+      s, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+      residual_activation(res, act, negative_slope));
 }
 
 Tensor batch_norm_act_forward_eval_cuda(
@@ -65,16 +67,16 @@ Tensor batch_norm_act_forward_eval_cuda(
   const Activation act = parse_activation(op, activation, negative_slope);
   check_like_input(op, "residual", input, residual);
   const Tensor res = dense_like_input(residual, input);
-  return forward_eval(s, input, weight, bias, running_mean, running_var, eps,
-                      residual_activation(res, act, negative_slope));
+  return forward_eval(
+      s, input, weight, bias, running_mean, running_var, eps, residual_activation(res, act, negative_slope));
 }
 
-} // namespace
+}  // namespace
 
 TORCH_LIBRARY_IMPL(bnorm_ext, CUDA, m) {
   m.impl("batch_norm_act_forward_train", &batch_norm_act_forward_train_cuda);
   m.impl("batch_norm_act_forward_eval", &batch_norm_act_forward_eval_cuda);
 }
 
-} // namespace cuda
-} // namespace bnorm_ext
+}  // namespace cuda
+}  // namespace bnorm_ext

@@ -14,9 +14,7 @@ namespace cuda {
 namespace {
 
 std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cuda(
-    const Tensor& grad_out,
-    const Tensor& input,
-    const Tensor& mean) {
+    const Tensor& grad_out, const Tensor& input, const Tensor& mean) {
   const char* op = "bnorm_ext::batch_norm_backward_reduce";
   const BatchNormShape s = check_backward_reduce_args(op, grad_out, input, mean);
   c10::cuda::CUDAGuard guard(input.device());
@@ -47,7 +45,8 @@ Tensor batch_norm_backward_elemt_cuda(
     const Tensor& sum_dy_xmu,
     const Tensor& counts) {
   const char* op = "bnorm_ext::batch_norm_backward_elemt";
-  const BatchNormShape s = check_backward_elemt_args(op, grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, counts);
+  const BatchNormShape s =
+      check_backward_elemt_args(op, grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, counts);
   c10::cuda::CUDAGuard guard(input.device());
   Tensor dx = at::empty_like(input, output_memory_format(input));
   if (input.numel() == 0) {
@@ -58,16 +57,18 @@ Tensor batch_norm_backward_elemt_cuda(
   const OptTensor w = contiguous_param(weight);
   // NB: summed once, in double, on the device (no host sync).
   const Tensor n = counts.to(at::kDouble).sum().to(acc_scalar_type(input.scalar_type())).reshape({1});
-  const Tensor m = mean.contiguous(), is = invstd.contiguous(), sdy = sum_dy.contiguous(), sdyx = sum_dy_xmu.contiguous();
-  dispatch_input_and_param(input.scalar_type(), param_scalar_type(input, {&weight}), [&](auto scalar_tag, auto param_tag) {
-    using scalar_t = decltype(scalar_tag);
-    using param_t = decltype(param_tag);
-    using acc_t = acc_type<scalar_t>;
-    const BackwardCoeffLoader<acc_t, param_t, true> coeffs{
-        m.const_data_ptr<acc_t>(), is.const_data_ptr<acc_t>(), opt_ptr<param_t>(w),
-        sdy.const_data_ptr<acc_t>(), sdyx.const_data_ptr<acc_t>(), n.const_data_ptr<acc_t>()};
-    grad_input<scalar_t, decltype(coeffs), true>(dy, x, dx, s, coeffs);
-  });
+  const Tensor m = mean.contiguous(), is = invstd.contiguous(), sdy = sum_dy.contiguous(),
+               sdyx = sum_dy_xmu.contiguous();
+  dispatch_input_and_param(
+      input.scalar_type(), param_scalar_type(input, {&weight}), [&](auto scalar_tag, auto param_tag) {
+        using scalar_t = decltype(scalar_tag);
+        using param_t = decltype(param_tag);
+        using acc_t = acc_type<scalar_t>;
+        const BackwardCoeffLoader<acc_t, param_t, true> coeffs{
+            m.const_data_ptr<acc_t>(),   is.const_data_ptr<acc_t>(),   opt_ptr<param_t>(w),
+            sdy.const_data_ptr<acc_t>(), sdyx.const_data_ptr<acc_t>(), n.const_data_ptr<acc_t>()};
+        grad_input<scalar_t, decltype(coeffs), true>(dy, x, dx, s, coeffs);
+      });
   return dx;
 }
 
@@ -82,24 +83,27 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(
     bool training,
     double eps) {
   const char* op = "bnorm_ext::batch_norm_backward";
-  const BatchNormShape s = check_backward_args(op, grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
+  const BatchNormShape s = check_backward_args(
+      op, grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps);
   const auto acc = acc_scalar_type(input.scalar_type());
   c10::cuda::CUDAGuard guard(input.device());
   const auto [mean, invstd] = backward_stats(training, save_mean, save_invstd, running_mean, running_var, eps, acc);
-  const auto param_options = input.options().dtype(weight.has_value() && weight->defined() ? weight->scalar_type() : acc);
+  const auto param_options =
+      input.options().dtype(weight.has_value() && weight->defined() ? weight->scalar_type() : acc);
   Tensor grad_weight = at::zeros({s.C}, param_options);
   Tensor grad_bias = at::zeros({s.C}, param_options);
   Tensor dx = at::empty_like(input, output_memory_format(input));
   if (input.numel() == 0) {
     return {dx, grad_weight, grad_bias};
   }
-  backward_passes(dense_grad(grad_out, input), dense_input(input), dx, s, mean, invstd, contiguous_param(weight),
-                  grad_weight, grad_bias, training, param_scalar_type(input, {&weight, &running_mean, &running_var}),
-                  [](auto scalar_tag, auto, const auto& run) { run(PlainGrad<decltype(scalar_tag)>{}); });
+  backward_passes(
+      dense_grad(grad_out, input), dense_input(input), dx, s, mean, invstd, contiguous_param(weight), grad_weight,
+      grad_bias, training, param_scalar_type(input, {&weight, &running_mean, &running_var}),
+      [](auto scalar_tag, auto, const auto& run) { run(PlainGrad<decltype(scalar_tag)>{}); });
   return {dx, grad_weight, grad_bias};
 }
 
-} // namespace
+}  // namespace
 
 TORCH_LIBRARY_IMPL(bnorm_ext, CUDA, m) {
   m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cuda);
@@ -107,5 +111,5 @@ TORCH_LIBRARY_IMPL(bnorm_ext, CUDA, m) {
   m.impl("batch_norm_backward", &batch_norm_backward_cuda);
 }
 
-} // namespace cuda
-} // namespace bnorm_ext
+}  // namespace cuda
+}  // namespace bnorm_ext

@@ -4,7 +4,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
-
 #include "../batch_norm_args.h"
 
 namespace bnorm_ext {
@@ -86,10 +85,9 @@ struct ParamDispatch<at::BFloat16> : HalfParamDispatch<at::BFloat16> {};
 // Calls f(scalar_t{}, param_t{}) for the input dtype and the parameter dtype.
 template <typename F>
 void dispatch_input_and_param(at::ScalarType input_type, at::ScalarType param_type, const F& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input_type, "bnorm_ext_cuda", [&] {
-    ParamDispatch<scalar_t>::call(param_type, f);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input_type, "bnorm_ext_cuda", [&] { ParamDispatch<scalar_t>::call(param_type, f); });
 }
 
-} // namespace cuda
-} // namespace bnorm_ext
+}  // namespace cuda
+}  // namespace bnorm_ext

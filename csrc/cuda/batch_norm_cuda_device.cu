@@ -20,7 +20,7 @@ int device_attribute(cudaDeviceAttr attr, int device) {
   return value;
 }
 
-} // namespace
+}  // namespace
 
 int sm_count() {
   static int counts[64] = {};
@@ -58,10 +58,13 @@ SingleReadLimits single_read_limits(const void* kernel, int blocks_per_sm) {
     const int64_t dynamic = std::min(per_sm / blocks_per_sm - reserved, per_block_optin) - static_smem;
     const int64_t dynamic_kib = dynamic / 1024 * 1024;
     if (dynamic_kib > 0) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic_kib)));
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
+      C10_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic_kib)));
+      C10_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
       int blocks = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kBlockSize, static_cast<size_t>(dynamic_kib)));
+      C10_CUDA_CHECK(
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kBlockSize, static_cast<size_t>(dynamic_kib)));
       limits = {blocks, dynamic_kib};
     }
   }
@@ -69,5 +72,5 @@ SingleReadLimits single_read_limits(const void* kernel, int blocks_per_sm) {
   return limits;
 }
 
-} // namespace cuda
-} // namespace bnorm_ext
+}  // namespace cuda
+}  // namespace bnorm_ext

@@ -111,7 +111,7 @@ struct StatsReducer {
   using Partial = WelfordData<acc_t>;
   struct Context {};
   static constexpr int kInputs = 1;
-  static constexpr bool kChannelContext = false; // a per-channel context kept in registers
+  static constexpr bool kChannelContext = false;  // a per-channel context kept in registers
   const scalar_t* x;
 
   __device__ Context context(int64_t) const {
@@ -235,8 +235,8 @@ struct GradFromOutput {
   using Channel = NoChannel;
   static constexpr bool kAux = A != Activation::kIdentity;
   static constexpr bool kReadsX = false;
-  const scalar_t* y; // dense, the input's layout (unused for identity)
-  scalar_t* grad_residual; // may be null
+  const scalar_t* y;        // dense, the input's layout (unused for identity)
+  scalar_t* grad_residual;  // may be null
   acc_t negative_slope;
 
   bool aligned() const {
@@ -274,11 +274,11 @@ struct GradThroughSilu {
   };
   static constexpr bool kAux = true;
   static constexpr bool kReadsX = true;
-  const scalar_t* residual; // dense, the input's layout; may be null
-  scalar_t* grad_residual; // may be null
+  const scalar_t* residual;  // dense, the input's layout; may be null
+  scalar_t* grad_residual;   // may be null
   const acc_t* invstd;
-  const param_t* weight; // may be null
-  const param_t* bias; // may be null
+  const param_t* weight;  // may be null
+  const param_t* bias;    // may be null
 
   bool aligned() const {
     return is_aligned16(residual) && is_aligned16(grad_residual);
@@ -325,7 +325,7 @@ struct GradReducer {
     acc_t mean;
     typename Prologue::Channel act;
   };
-  static constexpr int kInputs = Prologue::kAux ? 3 : 2; // dy, x (, aux)
+  static constexpr int kInputs = Prologue::kAux ? 3 : 2;  // dy, x (, aux)
   // The prologue's per-channel context, besides the mean, kept in registers.
   static constexpr bool kChannelContext = !std::is_empty_v<typename Prologue::Channel>;
   const scalar_t* dy;
@@ -420,8 +420,16 @@ __device__ __forceinline__ void index_loop(const More& more, const Next& next, c
 // element, m the ordinal of the (first) vector.
 template <int VEC, int G, typename index_t, typename FG, typename F>
 __device__ __forceinline__ void for_each_vector_group_nchw(
-    index_t N, index_t C, index_t L, index_t c, index_t split, index_t splits, int tid, int T,
-    const FG& f_group, const F& f) {
+    index_t N,
+    index_t C,
+    index_t L,
+    index_t c,
+    index_t split,
+    index_t splits,
+    int tid,
+    int T,
+    const FG& f_group,
+    const F& f) {
   const index_t vectors = N * L / VEC;
   const index_t per_split = (vectors + splits - 1) / splits;
   const index_t v0 = split * per_split;
@@ -537,7 +545,7 @@ __device__ __forceinline__ void reduce_segment_nchw(
   for (int k = 0; k < VEC; ++k) {
     ch[k] = c;
   }
-  const auto load = [&](int m, index_t i, Value (&vals)[VEC]) {
+  const auto load = [&](int m, index_t i, Value(&vals)[VEC]) {
     RawVec<Reducer, VEC> raw[Reducer::kInputs];
     r.template load_raw<VEC>(i, raw);
     visit(m, i, ch, raw);
@@ -545,7 +553,7 @@ __device__ __forceinline__ void reduce_segment_nchw(
   };
   for_each_vector_group_nchw<VEC, G>(
       N, C, L, c, split, splits, threadIdx.x, blockDim.x,
-      [&](int m, const index_t (&i)[G]) {
+      [&](int m, const index_t(&i)[G]) {
         Value run[G * VEC];
 #pragma unroll
         for (int g = 0; g < G; ++g) {
@@ -629,27 +637,17 @@ struct IgnoreLoaded {
 // VEC > 1 needs L % VEC == 0 and 16-byte aligned data.
 template <typename Reducer, typename Visit, int VEC, typename index_t>
 __global__ void __launch_bounds__(kBlockSize) channel_reduce_nchw_kernel(
-    Reducer r,
-    Visit visit,
-    index_t N,
-    index_t C,
-    index_t L,
-    typename Reducer::Partial* partials) {
+    Reducer r, Visit visit, index_t N, index_t C, index_t L, typename Reducer::Partial* partials) {
   __shared__ typename Reducer::Partial smem[kBlockSize];
-  reduce_segment_nchw<Reducer, VEC, index_t>(
-      r, N, C, L, blockIdx.x, blockIdx.y, gridDim.y, smem, partials, visit);
+  reduce_segment_nchw<Reducer, VEC, index_t>(r, N, C, L, blockIdx.x, blockIdx.y, gridDim.y, smem, partials, visit);
 }
 
 // [M, C] reduction (channels innermost): block (tile = blockIdx.x, split =
 // blockIdx.y) reduces its segment.
 // VEC > 1 needs C % VEC == 0 and 16-byte aligned data.
 template <typename Reducer, typename Visit, int VEC, typename index_t>
-__global__ void __launch_bounds__(kBlockSize) channel_reduce_cl_kernel(
-    Reducer r,
-    Visit visit,
-    index_t M,
-    index_t C,
-    typename Reducer::Partial* partials) {
+__global__ void __launch_bounds__(kBlockSize)
+    channel_reduce_cl_kernel(Reducer r, Visit visit, index_t M, index_t C, typename Reducer::Partial* partials) {
   __shared__ typename Reducer::Partial smem[kBlockSize];
   reduce_segment_cl<Reducer, VEC, index_t>(r, M, C, blockIdx.x, blockIdx.y, gridDim.y, smem, partials, visit);
 }
@@ -711,7 +709,7 @@ std::pair<Tensor, int64_t> launch_channel_reduce(
     const int64_t splits = choose_splits(s.C, target_blocks, s.N * s.L / (vec ? kVec : 1), kBlockSize);
     auto [partials, out] = new_partials<Partial, acc_t>(s.C, splits, acc_options);
     const dim3 grid(static_cast<unsigned>(s.C), static_cast<unsigned>(splits));
-#define BNORM_EXT_LAUNCH_NCHW(VEC, index_t) \
+#define BNORM_EXT_LAUNCH_NCHW(VEC, index_t)                                                  \
   channel_reduce_nchw_kernel<Reducer, Visit, VEC, index_t><<<grid, kBlockSize, 0, stream>>>( \
       r, visit, static_cast<index_t>(s.N), static_cast<index_t>(s.C), static_cast<index_t>(s.L), out)
     if (vec && use32) {
@@ -735,9 +733,9 @@ std::pair<Tensor, int64_t> launch_channel_reduce(
   auto [partials, out] = new_partials<Partial, acc_t>(s.C, splits, acc_options);
   const dim3 grid(static_cast<unsigned>(shape.tiles), static_cast<unsigned>(splits));
   const dim3 block(shape.tx, shape.ty);
-#define BNORM_EXT_LAUNCH_CL(VEC, index_t) \
-  channel_reduce_cl_kernel<Reducer, Visit, VEC, index_t><<<grid, block, 0, stream>>>( \
-      r, visit, static_cast<index_t>(M), static_cast<index_t>(s.C), out)
+#define BNORM_EXT_LAUNCH_CL(VEC, index_t)                \
+  channel_reduce_cl_kernel<Reducer, Visit, VEC, index_t> \
+      <<<grid, block, 0, stream>>>(r, visit, static_cast<index_t>(M), static_cast<index_t>(s.C), out)
   if (vec && use32) {
     BNORM_EXT_LAUNCH_CL(kVec, int32_t);
   } else if (vec) {
@@ -757,30 +755,28 @@ std::pair<Tensor, int64_t> launch_channel_reduce(
 // With VEC > 1, NCHW needs L % VEC == 0 (a vector is one channel) and
 // channels-last needs C % VEC == 0 (a vector is VEC consecutive channels).
 template <typename Op, int VEC, bool kChannelsLast, typename index_t>
-__global__ void __launch_bounds__(kBlockSize) channel_elementwise_kernel(
-    Op op,
-    index_t vectors,
-    index_t C,
-    index_t L) {
+__global__ void __launch_bounds__(kBlockSize) channel_elementwise_kernel(Op op, index_t vectors, index_t C, index_t L) {
   index_t v = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  index_loop<index_t>([&] { return v < vectors; }, [&] { v += static_cast<index_t>(gridDim.x) * blockDim.x; }, [&] {
-    const index_t i = v * VEC;
-    index_t ch[VEC];
-    if constexpr (kChannelsLast) {
-      const index_t c0 = i % C;
+  index_loop<index_t>(
+      [&] { return v < vectors; }, [&] { v += static_cast<index_t>(gridDim.x) * blockDim.x; },
+      [&] {
+        const index_t i = v * VEC;
+        index_t ch[VEC];
+        if constexpr (kChannelsLast) {
+          const index_t c0 = i % C;
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        ch[k] = c0 + k;
-      }
-    } else {
-      const index_t c0 = (i / L) % C;
+          for (int k = 0; k < VEC; ++k) {
+            ch[k] = c0 + k;
+          }
+        } else {
+          const index_t c0 = (i / L) % C;
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        ch[k] = c0;
-      }
-    }
-    op.template apply<VEC>(i, ch);
-  });
+          for (int k = 0; k < VEC; ++k) {
+            ch[k] = c0;
+          }
+        }
+        op.template apply<VEC>(i, ch);
+      });
 }
 
 // Launches op over every element of a dense tensor of shape s. `aligned`:
@@ -793,17 +789,17 @@ void launch_channel_elementwise(const Op& op, const BatchNormShape& s, bool alig
   const bool vec = aligned && (s.channels_last ? s.C % kVec == 0 : s.L % kVec == 0);
   const int64_t vectors = numel / (vec ? kVec : 1);
   const int64_t max_blocks = static_cast<int64_t>(sm_count()) * 8;
-  const unsigned blocks = static_cast<unsigned>(
-      std::clamp<int64_t>((vectors + kBlockSize - 1) / kBlockSize, 1, max_blocks));
+  const unsigned blocks =
+      static_cast<unsigned>(std::clamp<int64_t>((vectors + kBlockSize - 1) / kBlockSize, 1, max_blocks));
   const auto stream = c10::cuda::getCurrentCUDAStream();
-#define BNORM_EXT_LAUNCH_EW(VEC, CL, index_t) \
+#define BNORM_EXT_LAUNCH_EW(VEC, CL, index_t)                                          \
   channel_elementwise_kernel<Op, VEC, CL, index_t><<<blocks, kBlockSize, 0, stream>>>( \
       op, static_cast<index_t>(vectors), static_cast<index_t>(s.C), static_cast<index_t>(s.L))
 #define BNORM_EXT_LAUNCH_EW_LAYOUT(VEC, index_t) \
-  if (s.channels_last) {                          \
-    BNORM_EXT_LAUNCH_EW(VEC, true, index_t);      \
-  } else {                                        \
-    BNORM_EXT_LAUNCH_EW(VEC, false, index_t);     \
+  if (s.channels_last) {                         \
+    BNORM_EXT_LAUNCH_EW(VEC, true, index_t);     \
+  } else {                                       \
+    BNORM_EXT_LAUNCH_EW(VEC, false, index_t);    \
   }
   if (vec && use32) {
     BNORM_EXT_LAUNCH_EW_LAYOUT(kVec, int32_t)
@@ -826,16 +822,15 @@ template <typename acc_t, typename stat_t, typename param_t, bool kFromVar>
 struct NormalizeCoeffLoader {
   const stat_t* mean;
   const stat_t* spread;
-  const param_t* weight; // may be null
-  const param_t* bias; // may be null
+  const param_t* weight;  // may be null
+  const param_t* bias;    // may be null
   acc_t eps;
 
   __device__ NormalizeCoeffs<acc_t> operator()(int64_t c) const {
     const acc_t s = static_cast<acc_t>(spread[c]);
     const acc_t invstd = kFromVar ? invstd_from_var(s, eps) : s;
     return normalize_coeffs<acc_t>(
-        static_cast<acc_t>(mean[c]), invstd,
-        weight ? static_cast<acc_t>(weight[c]) : acc_t(1),
+        static_cast<acc_t>(mean[c]), invstd, weight ? static_cast<acc_t>(weight[c]) : acc_t(1),
         bias ? static_cast<acc_t>(bias[c]) : acc_t(0));
   }
 };
@@ -858,7 +853,7 @@ struct NormalizedOnly {
 template <typename scalar_t, Activation A>
 struct ResidualActivation {
   using acc_t = acc_type<scalar_t>;
-  const scalar_t* residual; // may be null
+  const scalar_t* residual;  // may be null
   acc_t negative_slope;
 
   bool aligned() const {
@@ -912,12 +907,12 @@ struct NormalizeOp {
 template <typename acc_t, typename param_t>
 struct StatsOutputs {
   acc_t eps;
-  bool output_var; // write the biased variance instead of invstd
+  bool output_var;  // write the biased variance instead of invstd
   acc_t* mean;
   acc_t* spread;
-  param_t* running_mean; // may be null (then running_var is too)
+  param_t* running_mean;  // may be null (then running_var is too)
   param_t* running_var;
-  int64_t* num_batches_tracked; // may be null
+  int64_t* num_batches_tracked;  // may be null
   bool has_momentum;
   double momentum;
 
@@ -953,10 +948,7 @@ struct StatsOutputs {
 // in order into `out`; increments num_batches_tracked.
 template <typename acc_t, typename param_t>
 __global__ void __launch_bounds__(1024) finalize_stats_kernel(
-    const WelfordData<acc_t>* partials,
-    int64_t C,
-    int64_t splits,
-    StatsOutputs<acc_t, param_t> out) {
+    const WelfordData<acc_t>* partials, int64_t C, int64_t splits, StatsOutputs<acc_t, param_t> out) {
   __shared__ double factor;
   if (threadIdx.x == 0) {
     factor = out.factor();
@@ -979,10 +971,10 @@ __global__ void __launch_bounds__(1024) finalize_stats_kernel(
 // (optional) and grad_weight = sum_dy_xmu * invstd, grad_bias = sum_dy (optional).
 template <typename acc_t, typename grad_t>
 struct GradOutputs {
-  acc_t* sum_dy; // may be null (then sum_dy_xmu is too)
+  acc_t* sum_dy;  // may be null (then sum_dy_xmu is too)
   acc_t* sum_dy_xmu;
-  const acc_t* invstd; // may be null when grad_weight is
-  grad_t* grad_weight; // may be null (then grad_bias is too)
+  const acc_t* invstd;  // may be null when grad_weight is
+  grad_t* grad_weight;  // may be null (then grad_bias is too)
   grad_t* grad_bias;
 
   __device__ void store(int64_t c, const GradSums<acc_t>& g) const {
@@ -999,11 +991,8 @@ struct GradOutputs {
 
 // Sums partials[c, 0..splits) in order into `out`.
 template <typename acc_t, typename grad_t>
-__global__ void __launch_bounds__(kBlockSize) finalize_grad_kernel(
-    const GradSums<acc_t>* partials,
-    int64_t C,
-    int64_t splits,
-    GradOutputs<acc_t, grad_t> out) {
+__global__ void __launch_bounds__(kBlockSize)
+    finalize_grad_kernel(const GradSums<acc_t>* partials, int64_t C, int64_t splits, GradOutputs<acc_t, grad_t> out) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) {
     return;
@@ -1020,10 +1009,10 @@ template <typename acc_t, typename param_t, bool kTrain>
 struct BackwardCoeffLoader {
   const acc_t* mean;
   const acc_t* invstd;
-  const param_t* weight; // may be null
-  const acc_t* sum_dy; // kTrain only
-  const acc_t* sum_dy_xmu; // kTrain only
-  const acc_t* count; // kTrain only: one value, on the device
+  const param_t* weight;    // may be null
+  const acc_t* sum_dy;      // kTrain only
+  const acc_t* sum_dy_xmu;  // kTrain only
+  const acc_t* count;       // kTrain only: one value, on the device
 
   __device__ BackwardCoeffs<acc_t> operator()(int64_t c) const {
     const acc_t w = weight ? static_cast<acc_t>(weight[c]) : acc_t(1);
@@ -1053,7 +1042,7 @@ struct BackwardOp {
     // across the division's slow-path call (which spilled with int64 indices).
     const BackwardCoeffs<acc_t> k0 = coeffs(ch[0]);
     const typename Prologue::Channel act0 = pro.channel(ch[0]);
-    GradValue<acc_t> v[VEC]; // NB: x and aux set only where read
+    GradValue<acc_t> v[VEC];  // NB: x and aux set only where read
     acc_t in[VEC];
     load_acc<VEC>(dy, i, in);
 #pragma unroll
@@ -1127,5 +1116,5 @@ struct EvalGradInputVisit {
   }
 };
 
-} // namespace cuda
-} // namespace bnorm_ext
+}  // namespace cuda
+}  // namespace bnorm_ext

@@ -35,9 +35,16 @@ StatsOutputs<acc_t, param_t> stats_outputs(
     const OptTensor& running_var,
     const OptTensor& num_batches_tracked,
     std::optional<double> momentum) {
-  return {static_cast<acc_t>(eps), output_var, mean.mutable_data_ptr<acc_t>(), spread.mutable_data_ptr<acc_t>(),
-          opt_mutable_ptr<param_t>(running_mean), opt_mutable_ptr<param_t>(running_var),
-          opt_mutable_ptr<int64_t>(num_batches_tracked), momentum.has_value(), momentum.value_or(0.0)};
+  return {
+      static_cast<acc_t>(eps),
+      output_var,
+      mean.mutable_data_ptr<acc_t>(),
+      spread.mutable_data_ptr<acc_t>(),
+      opt_mutable_ptr<param_t>(running_mean),
+      opt_mutable_ptr<param_t>(running_var),
+      opt_mutable_ptr<int64_t>(num_batches_tracked),
+      momentum.has_value(),
+      momentum.value_or(0.0)};
 }
 
 // Statistics of a dense, non-empty input into out_mean / out_spread (invstd,
@@ -61,10 +68,9 @@ void stats_and_finalize(
   std::tie(partials, splits) = launch_channel_reduce<StatsReducer<scalar_t>, scalar_t>(
       reducer, s, is_aligned16(x.const_data_ptr()), out_mean.options());
   finalize_stats_kernel<acc_t, param_t><<<1, finalize_threads(s.C), 0, c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const WelfordData<acc_t>*>(partials.const_data_ptr<acc_t>()),
-      s.C,
-      splits,
-      stats_outputs<acc_t, param_t>(eps, output_var, out_mean, out_spread, running_mean, running_var, num_batches_tracked, momentum));
+      reinterpret_cast<const WelfordData<acc_t>*>(partials.const_data_ptr<acc_t>()), s.C, splits,
+      stats_outputs<acc_t, param_t>(
+          eps, output_var, out_mean, out_spread, running_mean, running_var, num_batches_tracked, momentum));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -85,10 +91,10 @@ void normalize(
   using Loader = NormalizeCoeffLoader<acc_t, stat_t, param_t, kFromVar>;
   using Op = NormalizeOp<scalar_t, Loader, Act>;
   const Op op{
-      x.const_data_ptr<scalar_t>(),
-      y.mutable_data_ptr<scalar_t>(),
-      Loader{mean.const_data_ptr<stat_t>(), spread.const_data_ptr<stat_t>(), opt_ptr<param_t>(weight),
-             opt_ptr<param_t>(bias), static_cast<acc_t>(eps)},
+      x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+      Loader{
+          mean.const_data_ptr<stat_t>(), spread.const_data_ptr<stat_t>(), opt_ptr<param_t>(weight),
+          opt_ptr<param_t>(bias), static_cast<acc_t>(eps)},
       act};
   launch_channel_elementwise<Op, scalar_t>(
       op, s, is_aligned16(x.const_data_ptr()) && is_aligned16(y.const_data_ptr()) && act.aligned());
@@ -136,14 +142,15 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(
       using Act = std::decay_t<decltype(act)>;
       const NormalizeEpilogue<scalar_t, param_t, Act> epilogue{
           out.mutable_data_ptr<scalar_t>(), opt_ptr<param_t>(w), opt_ptr<param_t>(b),
-          stats_outputs<acc_t, param_t>(eps, /*output_var=*/false, save_mean, save_invstd, rm.flat(), rv.flat(),
-                                        num_batches_tracked, momentum),
+          stats_outputs<acc_t, param_t>(
+              eps, /*output_var=*/false, save_mean, save_invstd, rm.flat(), rv.flat(), num_batches_tracked, momentum),
           act};
       const bool aligned = is_aligned16(x.const_data_ptr()) && is_aligned16(out.const_data_ptr()) && act.aligned();
       if (launch_single_read(StatsReducer<scalar_t>{x.const_data_ptr<scalar_t>()}, epilogue, s, aligned, acc_options)) {
         return;
       }
-      stats_and_finalize<scalar_t, param_t>(x, s, eps, /*output_var=*/false, save_mean, save_invstd, rm.flat(), rv.flat(), num_batches_tracked, momentum);
+      stats_and_finalize<scalar_t, param_t>(
+          x, s, eps, /*output_var=*/false, save_mean, save_invstd, rm.flat(), rv.flat(), num_batches_tracked, momentum);
       normalize<scalar_t, acc_t, param_t, false>(x, out, s, save_mean, save_invstd, w, b, eps, act);
     });
   });
@@ -202,7 +209,7 @@ inline std::pair<Tensor, Tensor> backward_stats(
     return {save_mean->contiguous(), save_invstd->contiguous()};
   }
   // NB: C-sized, in-stream; eval backward is off the hot path.
-  return {running_mean->to(acc).contiguous(), (running_var->to(acc) + eps).sqrt().reciprocal()}; // as invstd_from_var
+  return {running_mean->to(acc).contiguous(), (running_var->to(acc) + eps).sqrt().reciprocal()};  // as invstd_from_var
 }
 
 // sum(dz) and sum(dz * (x - mean)) ([C], acc) of dense dy and x, dz from dy
@@ -233,9 +240,7 @@ void grad_sums(
   std::tie(partials, splits) = launch_channel_reduce<Reducer, scalar_t>(reducer, s, aligned, sum_dy.options(), visit);
   const unsigned blocks = static_cast<unsigned>((s.C + kBlockSize - 1) / kBlockSize);
   finalize_grad_kernel<acc_t, param_t><<<blocks, kBlockSize, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const GradSums<acc_t>*>(partials.const_data_ptr<acc_t>()),
-      s.C,
-      splits,
+      reinterpret_cast<const GradSums<acc_t>*>(partials.const_data_ptr<acc_t>()), s.C, splits,
       GradOutputs<acc_t, param_t>{
           sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xmu.mutable_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
           opt_mutable_ptr<param_t>(grad_weight), opt_mutable_ptr<param_t>(grad_bias)});
@@ -266,13 +271,16 @@ bool single_read_backward(
   const GradReducer<scalar_t, Prologue> reducer{
       dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(), pro};
   const GradInputEpilogue<scalar_t, param_t, Prologue> epilogue{
-      dx.mutable_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), opt_ptr<param_t>(weight),
+      dx.mutable_data_ptr<scalar_t>(),
+      mean.const_data_ptr<acc_t>(),
+      invstd.const_data_ptr<acc_t>(),
+      opt_ptr<param_t>(weight),
       static_cast<acc_t>(s.reduce_size()),
-      GradOutputs<acc_t, acc_t>{nullptr, nullptr, invstd.const_data_ptr<acc_t>(), gw.mutable_data_ptr<acc_t>(),
-                                gb.mutable_data_ptr<acc_t>()},
+      GradOutputs<acc_t, acc_t>{
+          nullptr, nullptr, invstd.const_data_ptr<acc_t>(), gw.mutable_data_ptr<acc_t>(), gb.mutable_data_ptr<acc_t>()},
       pro};
   const bool aligned = is_aligned16(dy.const_data_ptr()) && is_aligned16(x.const_data_ptr()) &&
-      is_aligned16(dx.const_data_ptr()) && pro.aligned();
+                       is_aligned16(dx.const_data_ptr()) && pro.aligned();
   if (!launch_single_read(reducer, epilogue, s, aligned, acc_options)) {
     return false;
   }
@@ -293,9 +301,10 @@ void grad_input(
     const Loader& coeffs,
     const Prologue& pro = Prologue{}) {
   using Op = BackwardOp<scalar_t, Loader, kTrain, Prologue>;
-  const Op op{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), coeffs, pro};
+  const Op op{
+      dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), coeffs, pro};
   const bool aligned = is_aligned16(dy.const_data_ptr()) && is_aligned16(x.const_data_ptr()) &&
-      is_aligned16(dx.const_data_ptr()) && pro.aligned();
+                       is_aligned16(dx.const_data_ptr()) && pro.aligned();
   launch_channel_elementwise<Op, scalar_t>(op, s, aligned);
 }
 
@@ -336,8 +345,11 @@ void backward_passes(
       }
       // Eval: dx = dz * dy_scale, written by the reduction as it reads dy.
       const EvalGradInputVisit<scalar_t, param_t, Prologue> eval_dx{
-          {dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
-           {mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), opt_ptr<param_t>(w), nullptr, nullptr, nullptr},
+          {dy.const_data_ptr<scalar_t>(),
+           x.const_data_ptr<scalar_t>(),
+           dx.mutable_data_ptr<scalar_t>(),
+           {mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), opt_ptr<param_t>(w), nullptr, nullptr,
+            nullptr},
            pro}};
       // grad_weight/grad_bias come out in the weight's dtype (acc when no weight).
       const auto run = [&](auto grad_tag) {
@@ -345,8 +357,9 @@ void backward_passes(
         if (training) {
           grad_sums<scalar_t, grad_t>(dy, x, s, mean, sum_dy, sum_dy_xmu, invstd, grad_weight, grad_bias, pro);
         } else {
-          grad_sums<scalar_t, grad_t>(dy, x, s, mean, sum_dy, sum_dy_xmu, invstd, grad_weight, grad_bias, pro, eval_dx,
-                                      is_aligned16(dx.const_data_ptr()));
+          grad_sums<scalar_t, grad_t>(
+              dy, x, s, mean, sum_dy, sum_dy_xmu, invstd, grad_weight, grad_bias, pro, eval_dx,
+              is_aligned16(dx.const_data_ptr()));
         }
       };
       if (grad_weight.scalar_type() == acc) {
@@ -357,7 +370,7 @@ void backward_passes(
       if (training) {
         const Tensor n = at::full({1}, count, mean.options());
         const BackwardCoeffLoader<acc_t, param_t, true> coeffs{
-            mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), opt_ptr<param_t>(w),
+            mean.const_data_ptr<acc_t>(),   invstd.const_data_ptr<acc_t>(),     opt_ptr<param_t>(w),
             sum_dy.const_data_ptr<acc_t>(), sum_dy_xmu.const_data_ptr<acc_t>(), n.const_data_ptr<acc_t>()};
         grad_input<scalar_t, decltype(coeffs), true>(dy, x, dx, s, coeffs, pro);
       }
@@ -365,5 +378,5 @@ void backward_passes(
   });
 }
 
-} // namespace cuda
-} // namespace bnorm_ext
+}  // namespace cuda
+}  // namespace bnorm_ext

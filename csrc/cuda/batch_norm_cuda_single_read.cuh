@@ -73,10 +73,10 @@ struct NormalizeEpilogue {
   using Value = acc_t;
   using Partial = WelfordData<acc_t>;
   using Coeffs = NormalizeCoeffs<acc_t>;
-  using BlockState = double; // the running-average factor
+  using BlockState = double;  // the running-average factor
   scalar_t* y;
-  const param_t* weight; // may be null
-  const param_t* bias; // may be null
+  const param_t* weight;  // may be null
+  const param_t* bias;    // may be null
   StatsOutputs<acc_t, param_t> stats;
   Act act;
 
@@ -93,8 +93,7 @@ struct NormalizeEpilogue {
       stats.store(c, w, factor);
     }
     return normalize_coeffs<acc_t>(
-        w.mean, stats.invstd(w),
-        weight ? static_cast<acc_t>(weight[c]) : acc_t(1),
+        w.mean, stats.invstd(w), weight ? static_cast<acc_t>(weight[c]) : acc_t(1),
         bias ? static_cast<acc_t>(bias[c]) : acc_t(0));
   }
   template <int VEC, typename index_t, typename CoeffOf>
@@ -129,7 +128,7 @@ struct GradInputEpilogue {
   scalar_t* dx;
   const acc_t* mean;
   const acc_t* invstd;
-  const param_t* weight; // may be null
+  const param_t* weight;  // may be null
   acc_t count;
   GradOutputs<acc_t, acc_t> grads;
   Prologue pro;
@@ -142,9 +141,10 @@ struct GradInputEpilogue {
     if (owner) {
       grads.store(c, g);
     }
-    return {backward_train_coeffs(
-                mean[c], invstd[c], weight ? static_cast<acc_t>(weight[c]) : acc_t(1), g.sum_dy, g.sum_dy_xmu, count),
-            pro.channel(c)};
+    return {
+        backward_train_coeffs(
+            mean[c], invstd[c], weight ? static_cast<acc_t>(weight[c]) : acc_t(1), g.sum_dy, g.sum_dy_xmu, count),
+        pro.channel(c)};
   }
   template <int VEC, typename index_t, typename CoeffOf>
   __device__ void apply(index_t i, const CoeffOf& coeff_of, const Value (&v)[VEC]) const {
@@ -166,16 +166,17 @@ struct GradInputEpilogue {
 // ((j * slots + m) * kInputs + p) * T + tid. Launched cooperatively with every
 // block resident.
 template <typename Reducer, typename Epilogue, int VEC, bool kChannelsLast>
-__global__ void __launch_bounds__(kBlockSize, (single_read_blocks_per_sm<Reducer, VEC, kChannelsLast>())) single_read_channel_kernel(
-    Reducer r,
-    Epilogue e,
-    int32_t N,
-    int32_t C,
-    int32_t L,
-    int32_t splits,
-    int32_t segments,
-    int32_t slots,
-    typename Reducer::Partial* partials) {
+__global__ void __launch_bounds__(kBlockSize, (single_read_blocks_per_sm<Reducer, VEC, kChannelsLast>()))
+    single_read_channel_kernel(
+        Reducer r,
+        Epilogue e,
+        int32_t N,
+        int32_t C,
+        int32_t L,
+        int32_t splits,
+        int32_t segments,
+        int32_t slots,
+        typename Reducer::Partial* partials) {
   using index_t = int32_t;
   using Raw = RawVec<Reducer, VEC>;
   using Coeffs = typename Epilogue::Coeffs;
@@ -195,7 +196,7 @@ __global__ void __launch_bounds__(kBlockSize, (single_read_blocks_per_sm<Reducer
   const auto block_state = e.begin();
   int j = 0;
   for (index_t seg = blockIdx.x; seg < segments; seg += gridDim.x, ++j) {
-    const auto keep = [&](int m, index_t, const index_t (&)[VEC], const Raw (&raw)[kIn]) {
+    const auto keep = [&](int m, index_t, const index_t(&)[VEC], const Raw(&raw)[kIn]) {
 #pragma unroll
       for (int p = 0; p < kIn; ++p) {
         kept_at(j, m, p) = raw[p];
@@ -249,7 +250,8 @@ __global__ void __launch_bounds__(kBlockSize, (single_read_blocks_per_sm<Reducer
       __syncthreads();
       const Coeffs k = coeffs[0];
       const auto coeff_of = [&](int) -> Coeffs { return k; };
-      for_each_vector_nchw<VEC>(N, C, L, c, split, splits, tid, T, [&](int m, index_t i) { apply_kept(j, m, i, coeff_of); });
+      for_each_vector_nchw<VEC>(
+          N, C, L, c, split, splits, tid, T, [&](int m, index_t i) { apply_kept(j, m, i, coeff_of); });
     }
   }
 }
@@ -260,15 +262,12 @@ __global__ void __launch_bounds__(kBlockSize, (single_read_blocks_per_sm<Reducer
 // cooperative_launch_record.h).
 template <typename Reducer, typename Epilogue, int VEC, bool kChannelsLast>
 bool launch_single_read_layout(
-    const Reducer& r,
-    const Epilogue& e,
-    const BatchNormShape& s,
-    const at::TensorOptions& acc_options) {
+    const Reducer& r, const Epilogue& e, const BatchNormShape& s, const at::TensorOptions& acc_options) {
   using Partial = typename Reducer::Partial;
   using acc_t = typename Reducer::acc_t;
   const auto kernel = single_read_channel_kernel<Reducer, Epilogue, VEC, kChannelsLast>;
-  const SingleReadLimits limits =
-      single_read_limits(reinterpret_cast<const void*>(kernel), single_read_blocks_per_sm<Reducer, VEC, kChannelsLast>());
+  const SingleReadLimits limits = single_read_limits(
+      reinterpret_cast<const void*>(kernel), single_read_blocks_per_sm<Reducer, VEC, kChannelsLast>());
   if (limits.blocks_per_sm == 0) {
     return false;
   }
@@ -290,7 +289,8 @@ bool launch_single_read_layout(
   }
   const int64_t grid = std::min(segments, max_grid);
   const int64_t segments_per_block = (segments + grid - 1) / grid;
-  const int64_t smem = segments_per_block * slots * Reducer::kInputs * kBlockSize * int64_t(sizeof(RawVec<Reducer, VEC>));
+  const int64_t smem =
+      segments_per_block * slots * Reducer::kInputs * kBlockSize * int64_t(sizeof(RawVec<Reducer, VEC>));
   if (smem > limits.max_dynamic_smem) {
     return false;
   }
@@ -335,11 +335,7 @@ bool launch_single_read_layout(
 // `aligned`: every pointer of r and e is 16-byte aligned.
 template <typename Reducer, typename Epilogue>
 bool launch_single_read(
-    const Reducer& r,
-    const Epilogue& e,
-    const BatchNormShape& s,
-    bool aligned,
-    const at::TensorOptions& acc_options) {
+    const Reducer& r, const Epilogue& e, const BatchNormShape& s, bool aligned, const at::TensorOptions& acc_options) {
   using scalar_t = typename Reducer::scalar_t;
   constexpr int kVec = vec_size<scalar_t>();
   const int64_t numel = s.N * s.C * s.L;
@@ -355,5 +351,5 @@ bool launch_single_read(
              : launch_single_read_layout<Reducer, Epilogue, 1, false>(r, e, s, acc_options);
 }
 
-} // namespace cuda
-} // namespace bnorm_ext
+}  // namespace cuda
+}  // namespace bnorm_ext

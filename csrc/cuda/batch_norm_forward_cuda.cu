@@ -37,7 +37,8 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& input) {
   dispatch_input_and_param(input.scalar_type(), input.scalar_type(), [&](auto scalar_tag, auto param_tag) {
     using scalar_t = decltype(scalar_tag);
     using param_t = decltype(param_tag);
-    stats_and_finalize<scalar_t, param_t>(x, s, 0.0, /*output_var=*/true, mean, var, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
+    stats_and_finalize<scalar_t, param_t>(
+        x, s, 0.0, /*output_var=*/true, mean, var, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
   });
   return {mean, var};
 }
@@ -76,11 +77,12 @@ std::tuple<Tensor, Tensor> batch_norm_gather_stats_cuda(
       using param_t = decltype(param_tag);
       finalize_stats_kernel<acc_t, param_t><<<1, finalize_threads(C), 0, c10::cuda::getCurrentCUDAStream()>>>(
           reinterpret_cast<const WelfordData<acc_t>*>(partials.const_data_ptr<acc_t>()), C, P,
-          stats_outputs<acc_t, param_t>(eps, /*output_var=*/false, out_mean, out_invstd, rm.flat(), rv.flat(),
-                                        num_batches_tracked, momentum));
+          stats_outputs<acc_t, param_t>(
+              eps, /*output_var=*/false, out_mean, out_invstd, rm.flat(), rv.flat(), num_batches_tracked, momentum));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    const auto running_type = running_mean.has_value() && running_mean->defined() ? running_mean->scalar_type() : mean.scalar_type();
+    const auto running_type =
+        running_mean.has_value() && running_mean->defined() ? running_mean->scalar_type() : mean.scalar_type();
     if (running_type == at::kHalf) {
       launch(at::Half{});
     } else if (running_type == at::kBFloat16) {
@@ -95,11 +97,7 @@ std::tuple<Tensor, Tensor> batch_norm_gather_stats_cuda(
 }
 
 Tensor batch_norm_elemt_cuda(
-    const Tensor& input,
-    const OptTensor& weight,
-    const OptTensor& bias,
-    const Tensor& mean,
-    const Tensor& invstd) {
+    const Tensor& input, const OptTensor& weight, const OptTensor& bias, const Tensor& mean, const Tensor& invstd) {
   const char* op = "bnorm_ext::batch_norm_elemt";
   const BatchNormShape s = check_elemt_args(op, input, weight, bias, mean, invstd);
   c10::cuda::CUDAGuard guard(input.device());
@@ -109,11 +107,13 @@ Tensor batch_norm_elemt_cuda(
   }
   const Tensor x = dense_input(input);
   const OptTensor w = contiguous_param(weight), b = contiguous_param(bias);
-  dispatch_input_and_param(input.scalar_type(), param_scalar_type(input, {&weight, &bias}), [&](auto scalar_tag, auto param_tag) {
-    using scalar_t = decltype(scalar_tag);
-    using param_t = decltype(param_tag);
-    normalize<scalar_t, acc_type<scalar_t>, param_t, false>(x, out, s, mean.contiguous(), invstd.contiguous(), w, b, 0.0);
-  });
+  dispatch_input_and_param(
+      input.scalar_type(), param_scalar_type(input, {&weight, &bias}), [&](auto scalar_tag, auto param_tag) {
+        using scalar_t = decltype(scalar_tag);
+        using param_t = decltype(param_tag);
+        normalize<scalar_t, acc_type<scalar_t>, param_t, false>(
+            x, out, s, mean.contiguous(), invstd.contiguous(), w, b, 0.0);
+      });
   return out;
 }
 
@@ -127,9 +127,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_train_cuda(
     std::optional<double> momentum,
     double eps) {
   const char* op = "bnorm_ext::batch_norm_forward_train";
-  const BatchNormShape s = check_train_args(op, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps);
-  return forward_train(s, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                       [](auto, const auto& run) { run(NormalizedOnly{}); });
+  const BatchNormShape s =
+      check_train_args(op, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps);
+  return forward_train(
+      s, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+      [](auto, const auto& run) { run(NormalizedOnly{}); });
 }
 
 Tensor batch_norm_forward_eval_cuda(
@@ -141,11 +143,11 @@ Tensor batch_norm_forward_eval_cuda(
     double eps) {
   const char* op = "bnorm_ext::batch_norm_forward_eval";
   const BatchNormShape s = check_eval_args(op, input, weight, bias, running_mean, running_var, eps);
-  return forward_eval(s, input, weight, bias, running_mean, running_var, eps,
-                      [](auto, const auto& run) { run(NormalizedOnly{}); });
+  return forward_eval(
+      s, input, weight, bias, running_mean, running_var, eps, [](auto, const auto& run) { run(NormalizedOnly{}); });
 }
 
-} // namespace
+}  // namespace
 
 TORCH_LIBRARY_IMPL(bnorm_ext, CUDA, m) {
   m.impl("batch_norm_stats", &batch_norm_stats_cuda);
@@ -155,5 +157,5 @@ TORCH_LIBRARY_IMPL(bnorm_ext, CUDA, m) {
   m.impl("batch_norm_forward_eval", &batch_norm_forward_eval_cuda);
 }
 
-} // namespace cuda
-} // namespace bnorm_ext
+}  // namespace cuda
+}  // namespace bnorm_ext

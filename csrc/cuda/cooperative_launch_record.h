@@ -104,5 +104,5 @@ bool launch_cooperative_recorded(const void* kernel, int device, int64_t grid, b
   return outcome == CooperativeOutcome::kLaunched;
 }
 
-} // namespace cuda
-} // namespace bnorm_ext
+}  // namespace cuda
+}  // namespace bnorm_ext
