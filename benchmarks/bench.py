@@ -59,8 +59,19 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (  # noqa: E402
-    BUSY_WARN, BusyMeter, CudaTimer, copy_bandwidth, fmt, geomean, machine_description, parse_list, parse_shape,
-    progress, time_cpu, wait_quiet, write_ratio_plot,
+    BUSY_WARN,
+    BusyMeter,
+    CudaTimer,
+    copy_bandwidth,
+    fmt,
+    geomean,
+    machine_description,
+    parse_list,
+    parse_shape,
+    progress,
+    time_cpu,
+    wait_quiet,
+    write_ratio_plot,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -110,41 +121,79 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark bnorm_ext vs torch.nn.BatchNorm2d (training forward, backward, eval forward).",
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cpu: perf_counter timing; cuda: CUDA events, L2 flush, torch.compile baseline")
-    p.add_argument("--shapes", default=None,
-                   help=f"comma-separated NxCxHxW list (default cpu: {DEFAULT_SHAPES}; "
-                        f"--quick: {QUICK_SHAPES}; cuda: ResNet-50 shapes at batch 32)")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu: perf_counter timing; cuda: CUDA events, L2 flush, torch.compile baseline",
+    )
+    p.add_argument(
+        "--shapes",
+        default=None,
+        help=f"comma-separated NxCxHxW list (default cpu: {DEFAULT_SHAPES}; "
+        f"--quick: {QUICK_SHAPES}; cuda: ResNet-50 shapes at batch 32)",
+    )
     p.add_argument("--passes", default="fwd,bwd,eval", help="comma list of fwd,bwd,eval")
     p.add_argument("--layouts", default="nchw,cl", help="comma list of nchw,cl (cl = channels_last)")
     p.add_argument("--dtype", default="float32", choices=sorted(TOL), help="input dtype")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed samples per implementation and row (default cpu 31, --quick 5, cuda 30; cuda uses >= 20)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls per implementation before timing (default 3, --quick 1, cuda 5)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed samples per implementation and row (default cpu 31, --quick 5, cuda 30; cuda uses >= 20)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed calls per implementation before timing (default 3, --quick 1, cuda 5)",
+    )
     p.add_argument("--copies", type=int, default=3, help="input copies rotated between calls")
-    p.add_argument("--min-sample-ms", type=float, default=None,
-                   help="cpu: calls per sample are chosen so one sample lasts at least this long (default 5, --quick 1)")
+    p.add_argument(
+        "--min-sample-ms",
+        type=float,
+        default=None,
+        help="cpu: calls per sample are chosen so one sample lasts at least this long (default 5, --quick 1)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
-    p.add_argument("--retries", type=int, default=2,
-                   help="cpu: rows timed while other processes used > 10%% of the CPUs are timed again up to this many times")
-    p.add_argument("--retry-budget", type=float, default=40.0,
-                   help="cpu: seconds the retries may take in all")
-    p.add_argument("--quiet-wait", type=float, default=5.0,
-                   help="cpu: before a retry, wait up to this many seconds for the other processes to quieten")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="cpu: rows timed while other processes used > 10%% of the CPUs are timed again up to this many times",
+    )
+    p.add_argument("--retry-budget", type=float, default=40.0, help="cpu: seconds the retries may take in all")
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=5.0,
+        help="cpu: before a retry, wait up to this many seconds for the other processes to quieten",
+    )
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats: a smoke run of a few seconds")
-    p.add_argument("--csv", default=None,
-                   help="CSV output path (default benchmarks/results/<device>_bench.csv; '' to skip)")
-    p.add_argument("--plot", default=None,
-                   help="PNG plot of the ratios (default: the CSV's path with .png, so benchmarks/results/<device>_bench.png; "
-                        "'' to skip). "
-                        "Skipped when matplotlib is not installed.")
+    p.add_argument(
+        "--csv", default=None, help="CSV output path (default benchmarks/results/<device>_bench.csv; '' to skip)"
+    )
+    p.add_argument(
+        "--plot",
+        default=None,
+        help="PNG plot of the ratios (default: the CSV's path with .png, so benchmarks/results/<device>_bench.png; "
+        "'' to skip). "
+        "Skipped when matplotlib is not installed.",
+    )
     p.add_argument("--no-compile", action="store_true", help="cuda: skip the torch.compile baseline")
-    p.add_argument("--compile-mode", default="max-autotune",
-                   help="cuda: torch.compile mode of the baseline (max-autotune compiles slowly; any torch.compile mode)")
+    p.add_argument(
+        "--compile-mode",
+        default="max-autotune",
+        help="cuda: torch.compile mode of the baseline (max-autotune compiles slowly; any torch.compile mode)",
+    )
     p.add_argument("--flush-mb", type=int, default=256, help="cuda: size of the L2 flush buffer in MiB")
-    p.add_argument("--ours", choices=("bnorm_ext", "torch"), default="bnorm_ext",
-                   help="implementation measured as 'ours'; 'torch' benchmarks torch against itself "
-                        "(harness self-test, no extension needed)")
+    p.add_argument(
+        "--ours",
+        choices=("bnorm_ext", "torch"),
+        default="bnorm_ext",
+        help="implementation measured as 'ours'; 'torch' benchmarks torch against itself "
+        "(harness self-test, no extension needed)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random data")
     return p
 
@@ -190,7 +239,7 @@ class Row:
 def import_ours(which: str):
     """Return (module class factory, description)."""
     if which == "torch":
-        return torch.nn.BatchNorm2d, f"torch.nn.BatchNorm2d (self-test: torch vs torch)"
+        return torch.nn.BatchNorm2d, "torch.nn.BatchNorm2d (self-test: torch vs torch)"
     try:
         import bnorm_ext  # noqa: F401
     except Exception as exc:  # pragma: no cover - depends on the build
@@ -198,7 +247,7 @@ def import_ours(which: str):
             f"cannot import bnorm_ext ({type(exc).__name__}: {exc}).\n"
             "Build it first: pip install --no-build-isolation -e .   "
             "(or run benchmarks/run.sh), or pass --ours torch for a harness self-test."
-        )
+        ) from exc
     info = ""
     with contextlib.suppress(Exception):
         info = f" build_info={bnorm_ext.build_info()}"
@@ -236,7 +285,10 @@ def close(actual, expected, tol: float, what: str):
     actual = actual.detach()
     scale = float(expected.abs().max()) if expected.numel() else 1.0
     torch.testing.assert_close(
-        actual.to(expected.dtype), expected, rtol=tol, atol=tol * max(1.0, scale),
+        actual.to(expected.dtype),
+        expected,
+        rtol=tol,
+        atol=tol * max(1.0, scale),
         msg=lambda m: f"{what}: {m}",
     )
     if actual.shape != expected.shape:
@@ -250,12 +302,14 @@ def guard(pass_: str, ref, ours, x, gout, tol: float):
     ours_state = {k: v.clone() for k, v in ours.state_dict().items()}
     try:
         if pass_ == "eval":
-            ref.eval(); ours.eval()
+            ref.eval()
+            ours.eval()
             with torch.no_grad():
                 y_ref, y_ours = ref(x), ours(x)
             close(y_ours, y_ref, tol, "eval output")
             return
-        ref.train(); ours.train()
+        ref.train()
+        ours.train()
         xr = x.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
         xo = x.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
         y_ref, y_ours = ref(xr), ours(xo)
@@ -332,8 +386,9 @@ def make_compiled(mode: str = "max-autotune"):
     class CompiledBN(torch.nn.BatchNorm2d):
         def forward(self, x):
             # momentum=0.1 fixed here (our modules use the default too)
-            return compiled(x, self.running_mean, self.running_var, self.weight, self.bias,
-                            self.training, self.momentum, self.eps)
+            return compiled(
+                x, self.running_mean, self.running_var, self.weight, self.bias, self.training, self.momentum, self.eps
+            )
 
     return CompiledBN
 
@@ -350,8 +405,14 @@ def print_table(rows: List[Row], with_compile: bool, copy_gbps: float):
     header += ["GB/s", "%floor", "status"]
     lines = []
     for r in rows:
-        line = [r.pass_, LAYOUT_NAMES[r.layout], "x".join(map(str, r.shape)),
-                fmt(r.torch_ms), fmt(r.ours_ms), fmt(r.ratio, 2)]
+        line = [
+            r.pass_,
+            LAYOUT_NAMES[r.layout],
+            "x".join(map(str, r.shape)),
+            fmt(r.torch_ms),
+            fmt(r.ours_ms),
+            fmt(r.ratio, 2),
+        ]
         if with_compile:
             line += [fmt(r.compile_ms), fmt(r.ratio_compile, 2)]
         gb = r.gbps(r.ours_ms) if r.ok else float("nan")
@@ -360,41 +421,86 @@ def print_table(rows: List[Row], with_compile: bool, copy_gbps: float):
             status += f" (busy {100 * r.busy:.0f}%)"
         line += [fmt(gb, 1), fmt(100 * gb / copy_gbps, 0) if copy_gbps else "-", status]
         lines.append(line)
-    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
     left = {0, 1, 2, len(header) - 1}
 
     def render(cells):
-        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        return "  ".join(
+            c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
 
     print(render(header))
     print("  ".join("-" * w for w in widths))
-    for l in lines:
-        print(render(l))
+    for line in lines:
+        print(render(line))
 
 
 def write_csv(path: str, rows: List[Row], meta: Dict[str, str], copy_gbps: float):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fields = ["device", "dtype", "threads", "pass", "layout", "N", "C", "H", "W", "numel", "floor_bytes",
-              "torch_ms", "ours_ms", "ratio", "compile_ms", "ratio_compile", "ours_gbps", "torch_gbps",
-              "pct_floor", "copy_gbps", "number", "repeats", "status", "other_cpu_load", "ours_impl", "torch_version"]
+    fields = [
+        "device",
+        "dtype",
+        "threads",
+        "pass",
+        "layout",
+        "N",
+        "C",
+        "H",
+        "W",
+        "numel",
+        "floor_bytes",
+        "torch_ms",
+        "ours_ms",
+        "ratio",
+        "compile_ms",
+        "ratio_compile",
+        "ours_gbps",
+        "torch_gbps",
+        "pct_floor",
+        "copy_gbps",
+        "number",
+        "repeats",
+        "status",
+        "other_cpu_load",
+        "ours_impl",
+        "torch_version",
+    ]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
             N, C, H, W = r.shape
             gb = r.gbps(r.ours_ms) if r.ok else float("nan")
-            w.writerow({
-                "device": meta["device"], "dtype": meta["dtype"], "threads": meta["threads"],
-                "pass": r.pass_, "layout": LAYOUT_NAMES[r.layout], "N": N, "C": C, "H": H, "W": W,
-                "numel": r.numel, "floor_bytes": r.floor_bytes,
-                "torch_ms": f"{r.torch_ms:.5f}", "ours_ms": f"{r.ours_ms:.5f}", "ratio": f"{r.ratio:.4f}",
-                "compile_ms": f"{r.compile_ms:.5f}", "ratio_compile": f"{r.ratio_compile:.4f}",
-                "ours_gbps": f"{gb:.3f}", "torch_gbps": f"{r.gbps(r.torch_ms):.3f}",
-                "pct_floor": f"{100 * gb / copy_gbps:.2f}" if copy_gbps else "",
-                "copy_gbps": f"{copy_gbps:.3f}", "number": r.number, "repeats": r.repeats,
-                "status": r.status, "other_cpu_load": f"{r.busy:.3f}" if r.busy == r.busy else "",
-                "ours_impl": meta["ours"], "torch_version": meta["torch"],
-            })
+            w.writerow(
+                {
+                    "device": meta["device"],
+                    "dtype": meta["dtype"],
+                    "threads": meta["threads"],
+                    "pass": r.pass_,
+                    "layout": LAYOUT_NAMES[r.layout],
+                    "N": N,
+                    "C": C,
+                    "H": H,
+                    "W": W,
+                    "numel": r.numel,
+                    "floor_bytes": r.floor_bytes,
+                    "torch_ms": f"{r.torch_ms:.5f}",
+                    "ours_ms": f"{r.ours_ms:.5f}",
+                    "ratio": f"{r.ratio:.4f}",
+                    "compile_ms": f"{r.compile_ms:.5f}",
+                    "ratio_compile": f"{r.ratio_compile:.4f}",
+                    "ours_gbps": f"{gb:.3f}",
+                    "torch_gbps": f"{r.gbps(r.torch_ms):.3f}",
+                    "pct_floor": f"{100 * gb / copy_gbps:.2f}" if copy_gbps else "",
+                    "copy_gbps": f"{copy_gbps:.3f}",
+                    "number": r.number,
+                    "repeats": r.repeats,
+                    "status": r.status,
+                    "other_cpu_load": f"{r.busy:.3f}" if r.busy == r.busy else "",
+                    "ours_impl": meta["ours"],
+                    "torch_version": meta["torch"],
+                }
+            )
 
 
 def write_plot(path: str, rows: List[Row], with_compile: bool, title: str):
@@ -456,14 +562,20 @@ def main(argv=None) -> int:
     copy_gbps = copy_bandwidth(device, timer, 10)
 
     dev_desc = machine_description(device)
-    print(f"bnorm_ext benchmark: device={device} ({dev_desc}) torch={torch.__version__} "
-          f"threads={torch.get_num_threads()} dtype={args.dtype} python={platform.python_version()}")
+    print(
+        f"bnorm_ext benchmark: device={device} ({dev_desc}) torch={torch.__version__} "
+        f"threads={torch.get_num_threads()} dtype={args.dtype} python={platform.python_version()}"
+    )
     print(f"ours: {ours_desc}")
-    print(f"timing: {'CUDA events, L2 flush %d MiB' % args.flush_mb if device == 'cuda' else 'perf_counter'}, "
-          f"median of {repeats} interleaved samples"
-          f"{'' if device == 'cuda' else ' of >= %g ms' % min_sample_ms}, {warmup} warm-up, {copies} rotating input copies")
-    print(f"copy bandwidth (read+write): {copy_gbps:.1f} GB/s{' (measured again at the end; the better one is used)' if device == 'cpu' else ''}  "
-          f"[%floor = (floor bytes / ours time) / copy bandwidth; floor bytes per element: fwd 3s, bwd 5s, eval 2s]")
+    print(
+        f"timing: {'CUDA events, L2 flush %d MiB' % args.flush_mb if device == 'cuda' else 'perf_counter'}, "
+        f"median of {repeats} interleaved samples"
+        f"{'' if device == 'cuda' else ' of >= %g ms' % min_sample_ms}, {warmup} warm-up, {copies} rotating input copies"
+    )
+    print(
+        f"copy bandwidth (read+write): {copy_gbps:.1f} GB/s{' (measured again at the end; the better one is used)' if device == 'cpu' else ''}  "
+        f"[%floor = (floor bytes / ours time) / copy bandwidth; floor bytes per element: fwd 3s, bwd 5s, eval 2s]"
+    )
     print()
 
     gen = torch.Generator().manual_seed(args.seed)
@@ -484,23 +596,32 @@ def main(argv=None) -> int:
         for pass_ in pass_list:
             row = Row(pass_, layout, shape, numel, FLOOR_FACTOR[pass_] * numel * xs[0].element_size())
             out.append(row)
-            progress(next(row_numbers), rows_total, f"{row_prefix}{pass_} {LAYOUT_NAMES[layout]} {'x'.join(map(str, shape))}"
-                     f"{' (compiling the torch.compile baseline)' if with_compile else ''}")
+            progress(
+                next(row_numbers),
+                rows_total,
+                f"{row_prefix}{pass_} {LAYOUT_NAMES[layout]} {'x'.join(map(str, shape))}"
+                f"{' (compiling the torch.compile baseline)' if with_compile else ''}",
+            )
             ref, ours = make_modules(ours_cls, C, device, param_dtype, gen)
             try:
                 guard(pass_, ref, ours, xs[0], gouts[0], tol)
             except AssertionError as exc:
                 row.status = "FAIL"
-                print(f"!! {pass_} {LAYOUT_NAMES[layout]} {shape}: ours disagrees with torch, not timed:\n"
-                      f"   {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}", file=sys.stderr)
+                print(
+                    f"!! {pass_} {LAYOUT_NAMES[layout]} {shape}: ours disagrees with torch, not timed:\n"
+                    f"   {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}",
+                    file=sys.stderr,
+                )
                 continue
             except Exception as exc:
                 row.status = "ERROR"
-                print(f"!! {pass_} {LAYOUT_NAMES[layout]} {shape}: {type(exc).__name__}: "
-                      f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}", file=sys.stderr)
+                print(
+                    f"!! {pass_} {LAYOUT_NAMES[layout]} {shape}: {type(exc).__name__}: "
+                    f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+                    file=sys.stderr,
+                )
                 continue
-            fns = {"torch": Rotating(pass_, ref, xs, gouts),
-                   "ours": Rotating(pass_, ours, xs, gouts)}
+            fns = {"torch": Rotating(pass_, ref, xs, gouts), "ours": Rotating(pass_, ours, xs, gouts)}
             if with_compile:
                 comp = compiled_cls(C, device=device, dtype=param_dtype)
                 comp.load_state_dict(ref.state_dict())
@@ -509,8 +630,10 @@ def main(argv=None) -> int:
                     for _ in range(2):
                         fns["compile"]()
                 except Exception as exc:
-                    print(f"!! torch.compile baseline failed for {pass_} {shape}: {type(exc).__name__}: {exc}",
-                          file=sys.stderr)
+                    print(
+                        f"!! torch.compile baseline failed for {pass_} {shape}: {type(exc).__name__}: {exc}",
+                        file=sys.stderr,
+                    )
                     fns.pop("compile", None)
             if device == "cuda":
                 samples = timer.time(fns, repeats, warmup)
@@ -561,32 +684,47 @@ def main(argv=None) -> int:
     for pass_ in passes:
         per = [r.ratio for r in rows if r.pass_ == pass_ and r.ok]
         by_layout = ", ".join(
-            f"{LAYOUT_NAMES[l]} {fmt(geomean([r.ratio for r in rows if r.pass_ == pass_ and r.layout == l and r.ok]), 3)}"
-            for l in layouts)
+            f"{LAYOUT_NAMES[lay]} {fmt(geomean([r.ratio for r in rows if r.pass_ == pass_ and r.layout == lay and r.ok]), 3)}"
+            for lay in layouts
+        )
         extra = ""
         if with_compile:
-            extra = f"  | vs torch.compile {fmt(geomean([r.ratio_compile for r in rows if r.pass_ == pass_ and r.ok]), 3)}"
+            extra = (
+                f"  | vs torch.compile {fmt(geomean([r.ratio_compile for r in rows if r.pass_ == pass_ and r.ok]), 3)}"
+            )
         print(f"  {pass_:5s} {fmt(geomean(per), 3)}  ({by_layout}){extra}")
     all_ratios = [r.ratio for r in rows if r.ok]
     print(f"  all   {fmt(geomean(all_ratios), 3)}")
     print(f"copy bandwidth used for %floor: {copy_gbps:.1f} GB/s (read+write)")
 
-    meta = {"device": device, "dtype": args.dtype, "threads": str(torch.get_num_threads()),
-            "ours": args.ours, "torch": torch.__version__}
+    meta = {
+        "device": device,
+        "dtype": args.dtype,
+        "threads": str(torch.get_num_threads()),
+        "ours": args.ours,
+        "torch": torch.__version__,
+    }
     csv_path = args.csv if args.csv is not None else os.path.join(HERE, "results", f"{device}_bench.csv")
     if csv_path:
         write_csv(csv_path, rows, meta, copy_gbps)
         print(f"\nCSV written to {os.path.relpath(csv_path)}")
     # default: next to the CSV (benchmarks/results/<device>_bench.png unless --csv says otherwise)
-    plot_path = args.plot if args.plot is not None else (
-        os.path.splitext(csv_path)[0] + ".png" if csv_path else os.path.join(HERE, "results", f"{device}_bench.png"))
+    plot_path = (
+        args.plot
+        if args.plot is not None
+        else (
+            os.path.splitext(csv_path)[0] + ".png" if csv_path else os.path.join(HERE, "results", f"{device}_bench.png")
+        )
+    )
     if plot_path:
         write_plot(plot_path, rows, with_compile, f"bnorm_ext vs torch ({device}, {args.dtype})")
 
     busy_rows = [r for r in rows if r.busy == r.busy and r.busy > BUSY_WARN]
     if busy_rows:
-        print(f"WARNING: other processes used > {100 * BUSY_WARN:.0f}% of the CPUs while {len(busy_rows)} row(s) "
-              f"were timed (marked 'busy'): those figures are unreliable; rerun on a quiet machine (or with --threads 1, which suffers less).")
+        print(
+            f"WARNING: other processes used > {100 * BUSY_WARN:.0f}% of the CPUs while {len(busy_rows)} row(s) "
+            f"were timed (marked 'busy'): those figures are unreliable; rerun on a quiet machine (or with --threads 1, which suffers less)."
+        )
     bad = [r for r in rows if not r.ok]
     print(f"total time {time.perf_counter() - t_start:.1f} s")
     if bad:

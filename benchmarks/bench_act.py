@@ -41,15 +41,25 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (  # noqa: E402
-    BusyMeter, CudaTimer, copy_bandwidth, machine_description, parse_shape, progress, time_cpu, write_rows_csv,
+    BusyMeter,
+    CudaTimer,
+    copy_bandwidth,
+    machine_description,
+    parse_shape,
+    progress,
+    time_cpu,
+    write_rows_csv,
 )
 
 import bnorm_ext  # noqa: E402
 
 PASSES = ("fwd", "fwd+bwd", "eval")
 # pattern -> (label, residual, activation)
-PATTERNS = {"relu": ("BN+ReLU", False, "relu"), "add_relu": ("BN+add+ReLU", True, "relu"),
-            "silu": ("BN+SiLU", False, "silu")}
+PATTERNS = {
+    "relu": ("BN+ReLU", False, "relu"),
+    "add_relu": ("BN+add+ReLU", True, "relu"),
+    "silu": ("BN+SiLU", False, "silu"),
+}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 DEFAULT_SHAPES = "16x64x56x56,16x256x14x14"
 QUICK_SHAPES = "4x32x16x16"
@@ -166,8 +176,11 @@ class Case:
         def as_float(ts, grad):
             return [t.detach().float().requires_grad_(grad) if t is not None else None for t in ts]
 
-        reference_data = data if self.dtype == torch.float32 else (
-            as_float(self.xs, True), as_float(self.rs, True), as_float(self.gs, False))
+        reference_data = (
+            data
+            if self.dtype == torch.float32
+            else (as_float(self.xs, True), as_float(self.rs, True), as_float(self.gs, False))
+        )
         for pass_ in PASSES:
             reference = "plain" if pass_ == "fwd+bwd" else "torch"
             results = []
@@ -191,7 +204,11 @@ class Case:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--shapes", default=None, help=f"comma list of NxCxHxW (default cpu {DEFAULT_SHAPES}, cuda {CUDA_DEFAULT_SHAPES})")
+    p.add_argument(
+        "--shapes",
+        default=None,
+        help=f"comma list of NxCxHxW (default cpu {DEFAULT_SHAPES}, cuda {CUDA_DEFAULT_SHAPES})",
+    )
     p.add_argument("--layouts", default="nchw,channels_last")
     p.add_argument("--patterns", default="relu,add_relu")
     p.add_argument("--passes", default=",".join(PASSES))
@@ -210,12 +227,18 @@ def main(argv=None):
         raise SystemExit("--device cuda: torch.cuda.is_available() is False")
     if args.threads:
         torch.set_num_threads(args.threads)
-    shapes_text = args.shapes or (QUICK_SHAPES if args.quick else CUDA_DEFAULT_SHAPES if device == "cuda" else DEFAULT_SHAPES)
+    shapes_text = args.shapes or (
+        QUICK_SHAPES if args.quick else CUDA_DEFAULT_SHAPES if device == "cuda" else DEFAULT_SHAPES
+    )
     shapes = [parse_shape(s) for s in shapes_text.split(",") if s.strip()]
     layouts = [s.strip() for s in args.layouts.split(",") if s.strip()]
     patterns = [s.strip() for s in args.patterns.split(",") if s.strip()]
     passes = [s.strip() for s in args.passes.split(",") if s.strip()]
-    for values, allowed, what in ((layouts, LAYOUTS, "layout"), (patterns, PATTERNS, "pattern"), (passes, PASSES, "pass")):
+    for values, allowed, what in (
+        (layouts, LAYOUTS, "layout"),
+        (patterns, PATTERNS, "pattern"),
+        (passes, PASSES, "pass"),
+    ):
         bad = [v for v in values if v not in allowed]
         if bad:
             raise SystemExit(f"unknown {what} {bad}: choose from {list(allowed)}")
@@ -231,12 +254,16 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)
 
     dev = machine_description(device)
-    print(f"bnorm_ext fused BN+act benchmark: device={device} ({dev}) torch={torch.__version__} "
-          f"threads={torch.get_num_threads()} float32; median ms of {repeats} interleaved samples; "
-          f"copy bandwidth {copy_gbps:.1f} GB/s")
+    print(
+        f"bnorm_ext fused BN+act benchmark: device={device} ({dev}) torch={torch.__version__} "
+        f"threads={torch.get_num_threads()} float32; median ms of {repeats} interleaved samples; "
+        f"copy bandwidth {copy_gbps:.1f} GB/s"
+    )
     cols = ["fused", "torch"] + (["compile"] if with_compile else [])
     head = f"{'shape':>15} {'layout':>13} {'pattern':>11} {'pass':>7} " + " ".join(f"{c:>8}" for c in cols)
-    head += f" {'/torch':>7}" + (f" {'/compile':>8}" if with_compile else "") + f" {'GB/s':>7} {'%floor':>6} {'busy':>5}"
+    head += (
+        f" {'/torch':>7}" + (f" {'/compile':>8}" if with_compile else "") + f" {'GB/s':>7} {'%floor':>6} {'busy':>5}"
+    )
     print(head)
     rows = []
     rows_total, row_number = len(shapes) * len(layouts) * len(patterns) * len(passes), 0
@@ -261,24 +288,53 @@ def main(argv=None):
                     ms = {c: statistics.median(samples[c]) for c in cols}
                     nbytes = floor_bytes(pass_, residual, numel, 4)
                     gbps = nbytes / (ms["fused"] * 1e-3) / 1e9
-                    row = dict(device=device, shape="x".join(map(str, shape)), layout=layout,
-                               pattern=label, pass_=pass_, floor_bytes=nbytes,
-                               fused_ms=ms["fused"], torch_ms=ms["torch"], compile_ms=ms.get("compile", float("nan")),
-                               ratio_torch=ms["fused"] / ms["torch"],
-                               ratio_compile=ms["fused"] / ms["compile"] if with_compile else float("nan"),
-                               gbps=gbps, pct_floor=100 * gbps / copy_gbps, busy=busy, repeats=repeats)
+                    row = dict(
+                        device=device,
+                        shape="x".join(map(str, shape)),
+                        layout=layout,
+                        pattern=label,
+                        pass_=pass_,
+                        floor_bytes=nbytes,
+                        fused_ms=ms["fused"],
+                        torch_ms=ms["torch"],
+                        compile_ms=ms.get("compile", float("nan")),
+                        ratio_torch=ms["fused"] / ms["torch"],
+                        ratio_compile=ms["fused"] / ms["compile"] if with_compile else float("nan"),
+                        gbps=gbps,
+                        pct_floor=100 * gbps / copy_gbps,
+                        busy=busy,
+                        repeats=repeats,
+                    )
                     rows.append(row)
                     line = f"{row['shape']:>15} {layout:>13} {row['pattern']:>11} {pass_:>7} "
                     line += " ".join(f"{ms[c]:8.3f}" for c in cols) + f" {row['ratio_torch']:7.2f}"
-                    line += (f" {row['ratio_compile']:8.2f}" if with_compile else "")
+                    line += f" {row['ratio_compile']:8.2f}" if with_compile else ""
                     line += f" {gbps:7.1f} {row['pct_floor']:6.1f} {busy:5.2f}"
                     print(line, flush=True)
                 del case
-    csv_path = args.csv if args.csv is not None else os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                                  "results", f"{device}_act.csv")
+    csv_path = (
+        args.csv
+        if args.csv is not None
+        else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{device}_act.csv")
+    )
     if csv_path and not args.quick:
-        fields = ["device", "shape", "layout", "pattern", "pass", "fused_ms", "torch_ms", "compile_ms",
-                  "ratio_torch", "ratio_compile", "floor_bytes", "gbps", "pct_floor", "busy", "repeats"]
+        fields = [
+            "device",
+            "shape",
+            "layout",
+            "pattern",
+            "pass",
+            "fused_ms",
+            "torch_ms",
+            "compile_ms",
+            "ratio_torch",
+            "ratio_compile",
+            "floor_bytes",
+            "gbps",
+            "pct_floor",
+            "busy",
+            "repeats",
+        ]
         out = [{**{k: r[k] for k in fields if k in r}, "pass": r["pass_"]} for r in rows]
         write_rows_csv(csv_path, out, 5, fields)
     return 0

@@ -95,8 +95,9 @@ def main(argv=None):
         return bn.eval(), torch.randn(batch, ch, size // 2, size // 2).contiguous(memory_format=fmt)
 
     def conv_bn_relu(fmt):
-        m = torch.nn.Sequential(torch.nn.Conv2d(ch, ch, 3, padding=1, bias=False), torch.nn.BatchNorm2d(ch),
-                                torch.nn.ReLU())
+        m = torch.nn.Sequential(
+            torch.nn.Conv2d(ch, ch, 3, padding=1, bias=False), torch.nn.BatchNorm2d(ch), torch.nn.ReLU()
+        )
         with torch.no_grad():
             m[1].running_mean.normal_()
             m[1].running_var.uniform_(0.5, 2)
@@ -118,8 +119,10 @@ def main(argv=None):
     if args.cases != "all":
         cases = {k: v for k, v in cases.items() if k in args.cases.split(",")}
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {batch}, size {size}, "
-          f"repeats {repeats}; ratio = median over rounds of variant / torch")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {batch}, size {size}, "
+        f"repeats {repeats}; ratio = median over rounds of variant / torch"
+    )
     for name, (make, mode, freezing) in cases.items():
         model, x = make()
         ours_model = bnorm_ext.convert_batchnorm(copy.deepcopy(model))
@@ -147,6 +150,7 @@ def main(argv=None):
                     loss.backward()
                     opt.step()
                     return loss
+
             with ctx:
                 fn()
                 fn()  # compiled (forward and backward) while the switches hold
@@ -156,8 +160,11 @@ def main(argv=None):
         times = time_rounds(fns, repeats, number)
         ratios = {v: statistics.median(a / b for a, b in zip(times[v], times["torch"])) for v in fns if v != "torch"}
         med = {v: statistics.median(t) * 1e3 for v, t in times.items()}
-        print(f"{name:28s} torch {med['torch']:8.2f} ms   kernel/torch {ratios['kernel']:.3f}   "
-              f"ours/torch {ratios['ours']:.3f}", flush=True)
+        print(
+            f"{name:28s} torch {med['torch']:8.2f} ms   kernel/torch {ratios['kernel']:.3f}   "
+            f"ours/torch {ratios['ours']:.3f}",
+            flush=True,
+        )
     return 0
 
 

@@ -110,16 +110,26 @@ def time_group(fns, repeats, number, device):
             sync(device)
             samples[n].append((time.perf_counter() - t0) / number * 1e3)
             faults[n] += minor_faults() - f0
-    return ({n: statistics.median(v) for n, v in samples.items()},
-            {n: faults[n] / (repeats * number) for n in names})
+    return ({n: statistics.median(v) for n, v in samples.items()}, {n: faults[n] / (repeats * number) for n in names})
 
 
 # Profile categories (--profile): self CPU time of the ops whose names match, per call.
 PROFILE_CATEGORIES = (
     ("conv", lambda n: n.startswith(("aten::convolution", "aten::mkldnn_convolution", "aten::_convolution"))),
-    ("bn_act", lambda n: n.startswith(("bnorm_ext::", "aten::native_batch_norm", "aten::_native_batch_norm",
-                                       "aten::batch_norm", "aten::threshold_backward", "aten::relu",
-                                       "aten::clamp_min"))),
+    (
+        "bn_act",
+        lambda n: n.startswith(
+            (
+                "bnorm_ext::",
+                "aten::native_batch_norm",
+                "aten::_native_batch_norm",
+                "aten::batch_norm",
+                "aten::threshold_backward",
+                "aten::relu",
+                "aten::clamp_min",
+            )
+        ),
+    ),
     ("inductor", lambda n: n.startswith("## Call CompiledFxGraph")),
 )
 
@@ -175,9 +185,14 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="ResNet-18 at 64x64, batch 4, 3 rounds")
     p.add_argument("--csv", default=None, help="CSV path (default benchmarks/results/<device>_models.csv; '' to skip)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                   help="also profile STEPS calls of each variant: ms per call in convolutions, BatchNorm + "
-                        "activation ops (ours, torch's), Inductor's generated code, the rest")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also profile STEPS calls of each variant: ms per call in convolutions, BatchNorm + "
+        "activation ops (ours, torch's), Inductor's generated code, the rest",
+    )
     args = p.parse_args(argv)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -198,11 +213,16 @@ def main(argv=None):
             setattr(cfg, name, max(getattr(cfg, name), 64))
 
     dev = machine_description(device)
-    print(f"bnorm_ext model benchmark: device={device} ({dev}) torch={torch.__version__} threads={torch.get_num_threads()} "
-          f"batch {args.batch} {args.size}x{args.size} float32{' channels_last' if args.channels_last else ''}; "
-          f"median ms per call of {repeats} interleaved rounds")
-    print(f"{'model':>9} {'workload':>8} {'mode':>8} " + " ".join(f"{v:>10}" for v in VARIANTS)
-          + f" {'conv/torch':>10} {'fused/torch':>11} {'busy':>5}  page faults per call")
+    print(
+        f"bnorm_ext model benchmark: device={device} ({dev}) torch={torch.__version__} threads={torch.get_num_threads()} "
+        f"batch {args.batch} {args.size}x{args.size} float32{' channels_last' if args.channels_last else ''}; "
+        f"median ms per call of {repeats} interleaved rounds"
+    )
+    print(
+        f"{'model':>9} {'workload':>8} {'mode':>8} "
+        + " ".join(f"{v:>10}" for v in VARIANTS)
+        + f" {'conv/torch':>10} {'fused/torch':>11} {'busy':>5}  page faults per call"
+    )
     rows, profiles = [], []
     rows_total, row_number = len(models) * len(modes) * len(workloads), 0
     gen = torch.Generator().manual_seed(args.seed)
@@ -218,8 +238,12 @@ def main(argv=None):
                 runners[v] = Runner(model.to(memory_format=fmt), mode)
             t0 = time.perf_counter()
             check(runners, x, target, mode)  # also the warm-up that compiles
-            print(f"  ({name} {mode}: checked{' and compiled' if mode == 'compile' else ''} in "
-                  f"{time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+            print(
+                f"  ({name} {mode}: checked{' and compiled' if mode == 'compile' else ''} in "
+                f"{time.perf_counter() - t0:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
             for workload in workloads:
                 row_number += 1
                 progress(row_number, rows_total, f"{name} {workload} {mode}")
@@ -233,25 +257,55 @@ def main(argv=None):
                 meter = BusyMeter()
                 ms, faults = time_group(fns, repeats, number, device)
                 busy = meter.fraction() if device == "cpu" else float("nan")
-                row = dict(device=device, model=name, workload=workload, mode=mode, batch=args.batch,
-                           size=args.size, torch_ms=ms["torch"], converted_ms=ms["converted"],
-                           fused_ms=ms["fused"], ratio_converted=ms["converted"] / ms["torch"],
-                           ratio_fused=ms["fused"] / ms["torch"], busy=busy, repeats=repeats,
-                           **{f"{v}_faults": faults[v] for v in VARIANTS})
+                row = dict(
+                    device=device,
+                    model=name,
+                    workload=workload,
+                    mode=mode,
+                    batch=args.batch,
+                    size=args.size,
+                    torch_ms=ms["torch"],
+                    converted_ms=ms["converted"],
+                    fused_ms=ms["fused"],
+                    ratio_converted=ms["converted"] / ms["torch"],
+                    ratio_fused=ms["fused"] / ms["torch"],
+                    busy=busy,
+                    repeats=repeats,
+                    **{f"{v}_faults": faults[v] for v in VARIANTS},
+                )
                 rows.append(row)
-                print(f"{name:>9} {workload:>8} {mode:>8} " + " ".join(f"{ms[v]:10.2f}" for v in VARIANTS)
-                      + f" {row['ratio_converted']:10.3f} {row['ratio_fused']:11.3f} {busy:5.2f}  "
-                      + "/".join(f"{faults[v]:.0f}" for v in VARIANTS), flush=True)
+                print(
+                    f"{name:>9} {workload:>8} {mode:>8} "
+                    + " ".join(f"{ms[v]:10.2f}" for v in VARIANTS)
+                    + f" {row['ratio_converted']:10.3f} {row['ratio_fused']:11.3f} {busy:5.2f}  "
+                    + "/".join(f"{faults[v]:.0f}" for v in VARIANTS),
+                    flush=True,
+                )
                 if args.profile and device == "cpu":
                     for v in VARIANTS:
                         split = profile_split(fns[v], args.profile)
-                        profiles.append(dict(model=name, workload=workload, mode=mode, variant=v, steps=args.profile,
-                                             **{f"{k}_ms": val for k, val in split.items()}))
-                        print(f"{'':>9} profile {v:>9}: " + "  ".join(f"{k} {val:.1f}" for k, val in split.items())
-                              + " ms per call", flush=True)
+                        profiles.append(
+                            dict(
+                                model=name,
+                                workload=workload,
+                                mode=mode,
+                                variant=v,
+                                steps=args.profile,
+                                **{f"{k}_ms": val for k, val in split.items()},
+                            )
+                        )
+                        print(
+                            f"{'':>9} profile {v:>9}: "
+                            + "  ".join(f"{k} {val:.1f}" for k, val in split.items())
+                            + " ms per call",
+                            flush=True,
+                        )
             del runners, variants
-    csv_path = args.csv if args.csv is not None else os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                                  "results", f"{device}_models.csv")
+    csv_path = (
+        args.csv
+        if args.csv is not None
+        else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{device}_models.csv")
+    )
     if csv_path and not args.quick:
         write_rows_csv(csv_path, rows, 4)
         if profiles:

@@ -37,8 +37,25 @@ import bnorm_ext  # noqa: E402
 # ResNet-50 at batch 32: on an H100/H200, 32x2048x7x7 fits the single-read kernel in both
 # directions, 32x256x28x28 in the forward only, 32x64x112x112 in neither
 SHAPES = "32x64x112x112,32x256x28x28,32x2048x7x7"
-FIELDS = ["device", "dtype", "op", "pattern", "pass", "layout", "shape", "ours_ms", "torch_ms", "ratio",
-          "floor_bytes", "gbps", "pct_floor", "copy_gbps", "repeats", "status", "seconds"]
+FIELDS = [
+    "device",
+    "dtype",
+    "op",
+    "pattern",
+    "pass",
+    "layout",
+    "shape",
+    "ours_ms",
+    "torch_ms",
+    "ratio",
+    "floor_bytes",
+    "gbps",
+    "pct_floor",
+    "copy_gbps",
+    "repeats",
+    "status",
+    "seconds",
+]
 
 
 def timed(fns, device, timer, repeats):
@@ -62,17 +79,27 @@ def plain_rows(shape, layout, dtype, device, timer, repeats, gen):
     numel = xs[0].numel()
     for pass_ in ("fwd", "bwd", "eval"):
         t0 = time.monotonic()
-        row = dict(op="plain", pattern="BN", **{"pass": pass_},
-                   floor_bytes=bench.FLOOR_FACTOR[pass_] * numel * xs[0].element_size())
+        row = dict(
+            op="plain",
+            pattern="BN",
+            **{"pass": pass_},
+            floor_bytes=bench.FLOOR_FACTOR[pass_] * numel * xs[0].element_size(),
+        )
         ref, ours = bench.make_modules(bnorm_ext.BatchNorm2d, C, device, param_dtype, gen)
         try:
             bench.guard(pass_, ref, ours, xs[0], gs[0], bench.TOL[str(dtype).split(".")[-1]])
         except Exception as exc:
-            row["status"] = f"FAIL {type(exc).__name__}: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''}"
+            row["status"] = (
+                f"FAIL {type(exc).__name__}: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''}"
+            )
             yield row, t0
             continue
-        ms = timed({"ours": bench.Rotating(pass_, ours, xs, gs),
-                    "torch": bench.Rotating(pass_, ref, xs, gs)}, device, timer, repeats)
+        ms = timed(
+            {"ours": bench.Rotating(pass_, ours, xs, gs), "torch": bench.Rotating(pass_, ref, xs, gs)},
+            device,
+            timer,
+            repeats,
+        )
         row.update(ours_ms=ms["ours"], torch_ms=ms["torch"], status="ok")
         yield row, t0
 
@@ -84,15 +111,20 @@ def fused_rows(shape, layout, pattern, dtype, device, timer, repeats, gen):
     numel = shape[0] * shape[1] * shape[2] * shape[3]
     elsize = torch.tensor([], dtype=dtype).element_size()
     try:
-        case = bench_act.Case(shape, {"cl": "channels_last"}.get(layout, layout), pattern, device, 3, False, gen,
-                              dtype=dtype)
+        case = bench_act.Case(
+            shape, {"cl": "channels_last"}.get(layout, layout), pattern, device, 3, False, gen, dtype=dtype
+        )
         case.check()
         failed = None
     except Exception as exc:
         failed = f"FAIL {type(exc).__name__}: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''}"
     for pass_ in bench_act.PASSES:
-        row = dict(op="fused", pattern=label, **{"pass": pass_},
-                   floor_bytes=bench_act.floor_bytes(pass_, residual, numel, elsize))
+        row = dict(
+            op="fused",
+            pattern=label,
+            **{"pass": pass_},
+            floor_bytes=bench_act.floor_bytes(pass_, residual, numel, elsize),
+        )
         if failed:
             row["status"] = failed
             yield row, t0
@@ -125,10 +157,16 @@ def main(argv=None):
     copy_gbps = harness.copy_bandwidth(device, timer, 10)
     gen = torch.Generator().manual_seed(args.seed)
     name = harness.machine_description(device)
-    print(f"bench_quick: {name}, torch {torch.__version__}, copy bandwidth {copy_gbps:.1f} GB/s, "
-          f"median of {args.repeats} interleaved samples", flush=True)
-    print(f"{'dtype':>8} {'op':>5} {'pattern':>11} {'pass':>7} {'layout':>6} {'shape':>14} "
-          f"{'ours ms':>8} {'torch ms':>8} {'ratio':>6} {'GB/s':>7} {'%floor':>6}  status", flush=True)
+    print(
+        f"bench_quick: {name}, torch {torch.__version__}, copy bandwidth {copy_gbps:.1f} GB/s, "
+        f"median of {args.repeats} interleaved samples",
+        flush=True,
+    )
+    print(
+        f"{'dtype':>8} {'op':>5} {'pattern':>11} {'pass':>7} {'layout':>6} {'shape':>14} "
+        f"{'ours ms':>8} {'torch ms':>8} {'ratio':>6} {'GB/s':>7} {'%floor':>6}  status",
+        flush=True,
+    )
     out = harness.RowWriter(args.csv, FIELDS)
     counts = {"rows": 0, "bad": 0}
     try:
@@ -136,8 +174,11 @@ def main(argv=None):
         interrupted = ""
     except KeyboardInterrupt:  # e.g. SIGINT from `timeout -s INT`: the rows so far are in the CSV
         interrupted = " (interrupted)"
-    print(f"bench_quick: {counts['rows']} rows, {counts['bad']} not timed (FAIL), "
-          f"{time.monotonic() - start:.0f} s{interrupted}", flush=True)
+    print(
+        f"bench_quick: {counts['rows']} rows, {counts['bad']} not timed (FAIL), "
+        f"{time.monotonic() - start:.0f} s{interrupted}",
+        flush=True,
+    )
     return 1 if counts["bad"] else 4 if interrupted else 0
 
 
@@ -147,25 +188,37 @@ def run_rows(shapes, layouts, dtypes, device, timer, repeats, gen, copy_gbps, ou
         for shape in shapes:
             for layout in layouts:
                 groups = [plain_rows(shape, layout, dtype, device, timer, repeats, gen)]
-                groups += [fused_rows(shape, layout, pattern, dtype, device, timer, repeats, gen)
-                           for pattern in ("relu", "add_relu")]
+                groups += [
+                    fused_rows(shape, layout, pattern, dtype, device, timer, repeats, gen)
+                    for pattern in ("relu", "add_relu")
+                ]
                 for group in groups:
                     for row, t0 in group:
                         ok = row["status"] == "ok"
                         row.setdefault("ours_ms", float("nan"))
                         row.setdefault("torch_ms", float("nan"))
                         gbps = row["floor_bytes"] / (row["ours_ms"] * 1e-3) / 1e9 if ok else float("nan")
-                        row.update(device=device, dtype=str(dtype).split(".")[-1],
-                                   layout=bench.LAYOUT_NAMES[layout], shape="x".join(map(str, shape)),
-                                   ratio=row["ours_ms"] / row["torch_ms"] if ok else float("nan"),
-                                   gbps=gbps, pct_floor=100 * gbps / copy_gbps, copy_gbps=copy_gbps,
-                                   repeats=repeats, seconds=time.monotonic() - t0)
+                        row.update(
+                            device=device,
+                            dtype=str(dtype).split(".")[-1],
+                            layout=bench.LAYOUT_NAMES[layout],
+                            shape="x".join(map(str, shape)),
+                            ratio=row["ours_ms"] / row["torch_ms"] if ok else float("nan"),
+                            gbps=gbps,
+                            pct_floor=100 * gbps / copy_gbps,
+                            copy_gbps=copy_gbps,
+                            repeats=repeats,
+                            seconds=time.monotonic() - t0,
+                        )
                         out.write(row)
                         counts["rows"] += 1
                         counts["bad"] += not ok
-                        print(f"{row['dtype']:>8} {row['op']:>5} {row['pattern']:>11} {row['pass']:>7} "
-                              f"{layout:>6} {row['shape']:>14} {row['ours_ms']:8.3f} {row['torch_ms']:8.3f} "
-                              f"{row['ratio']:6.2f} {gbps:7.1f} {row['pct_floor']:6.1f}  {row['status']}", flush=True)
+                        print(
+                            f"{row['dtype']:>8} {row['op']:>5} {row['pattern']:>11} {row['pass']:>7} "
+                            f"{layout:>6} {row['shape']:>14} {row['ours_ms']:8.3f} {row['torch_ms']:8.3f} "
+                            f"{row['ratio']:6.2f} {gbps:7.1f} {row['pct_floor']:6.1f}  {row['status']}",
+                            flush=True,
+                        )
 
 
 if __name__ == "__main__":

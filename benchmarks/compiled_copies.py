@@ -30,8 +30,7 @@ def _layout(sizes, strides):
 def buffer_strides(code):
     # {name: (sizes, strides)} of the buffers and graph inputs the code declares.
     found = {}
-    for name, sizes, strides in re.findall(
-            r"(\w+) = empty_strided_cpu\(\(([^)]*)\), \(([^)]*)\)", code):
+    for name, sizes, strides in re.findall(r"(\w+) = empty_strided_cpu\(\(([^)]*)\), \(([^)]*)\)", code):
         found[name] = (_norm(sizes), _norm(strides))
     for name, sizes, strides in re.findall(r"assert_size_stride\((\w+), \(([^)]*)\), \(([^)]*)\)", code):
         found[name] = (_norm(sizes), _norm(strides))
@@ -61,8 +60,12 @@ def mismatched_args(code):
         if op in ("batch_norm_backward", "batch_norm_backward_reduce", "batch_norm_backward_elemt"):
             named = {"grad_out": positional[0], "input": positional[1]}
         elif op == "batch_norm_act_backward":
-            named = {"grad_out": positional[0], "output": positional[1], "input": positional[2],
-                     "residual": positional[9] if len(positional) > 9 else "None"}
+            named = {
+                "grad_out": positional[0],
+                "output": positional[1],
+                "input": positional[2],
+                "residual": positional[9] if len(positional) > 9 else "None",
+            }
         else:
             continue
         inp = strides.get(named["input"])
@@ -98,8 +101,10 @@ def main(argv=None):
     _, codes = run_and_get_code(step)
     code = "\n".join(codes)
     calls = op_calls(code)
-    print(f"{args.model} {args.layout} batch {args.batch} size {args.size}: {len(calls)} bnorm_ext calls "
-          f"({sum(1 for c in calls if c[1] == 'out')} through .out)")
+    print(
+        f"{args.model} {args.layout} batch {args.batch} size {args.size}: {len(calls)} bnorm_ext calls "
+        f"({sum(1 for c in calls if c[1] == 'out')} through .out)"
+    )
     mismatches = mismatched_args(code)
     for op, arg_name, got, want in mismatches:
         print(f"  {op}: {arg_name} strides ({got}) vs input ({want})")

@@ -78,15 +78,20 @@ def misaligned_copy(t):
 
 
 def run_case(shape, dtype, memory_format, path, failures, device="cuda", misaligned=False, half_params=False):
-    tag = (f"{'x'.join(map(str, shape))}-{str(dtype).split('.')[-1]}-"
-           f"{'cl' if memory_format == torch.channels_last else 'nchw'}-{path}"
-           f"{'-misaligned' if misaligned else ''}{'-half_params' if half_params else ''}")
+    tag = (
+        f"{'x'.join(map(str, shape))}-{str(dtype).split('.')[-1]}-"
+        f"{'cl' if memory_format == torch.channels_last else 'nchw'}-{path}"
+        f"{'-misaligned' if misaligned else ''}{'-half_params' if half_params else ''}"
+    )
     C = shape[1]
     x_cpu = (torch.randn(shape, dtype=torch.float64) * 3 + 5).to(dtype)
     if len(shape) == 4:
         x_cpu = x_cpu.contiguous(memory_format=memory_format)
-    dy_cpu = torch.randn(shape, dtype=torch.float64).to(dtype).contiguous(memory_format=(
-        memory_format if len(shape) == 4 else torch.contiguous_format))
+    dy_cpu = (
+        torch.randn(shape, dtype=torch.float64)
+        .to(dtype)
+        .contiguous(memory_format=(memory_format if len(shape) == 4 else torch.contiguous_format))
+    )
     param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) and not half_params else dtype
     w_cpu = (torch.rand(C, dtype=torch.float64) + 0.5).to(param_dtype)
     b_cpu = torch.randn(C, dtype=torch.float64).to(param_dtype)
@@ -175,14 +180,17 @@ def _act(t, activation):
     return t
 
 
-def run_act_case(shape, dtype, memory_format, path, failures, device="cuda", activation="relu", residual=True,
-                 misaligned=False):
+def run_act_case(
+    shape, dtype, memory_format, path, failures, device="cuda", activation="relu", residual=True, misaligned=False
+):
     """The fused ops act(BN(x) + residual) against torch's composed ops in float64 on the same device:
     training forward (output, statistics, running statistics) and backward as the autograd kernel calls
     them, then eval forward and backward."""
-    tag = (f"act-{activation}{'+residual' if residual else ''}-{'x'.join(map(str, shape))}-"
-           f"{str(dtype).split('.')[-1]}-{'cl' if memory_format == torch.channels_last else 'nchw'}-{path}"
-           f"{'-misaligned' if misaligned else ''}")
+    tag = (
+        f"act-{activation}{'+residual' if residual else ''}-{'x'.join(map(str, shape))}-"
+        f"{str(dtype).split('.')[-1]}-{'cl' if memory_format == torch.channels_last else 'nchw'}-{path}"
+        f"{'-misaligned' if misaligned else ''}"
+    )
     C = shape[1]
     param_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -224,7 +232,8 @@ def run_act_case(shape, dtype, memory_format, path, failures, device="cuda", act
         saved_y = y if activation in ("relu", "leaky_relu") else None
         saved_r = r if activation == "silu" else None
         grads = ops.batch_norm_act_backward(
-            dy, saved_y, x, w, b, *stats, saved_r, training, 1e-5, residual, activation, SLOPE)
+            dy, saved_y, x, w, b, *stats, saved_r, training, 1e-5, residual, activation, SLOPE
+        )
         for name, got, want in zip(["grad_input", "grad_weight", "grad_bias", "grad_residual"], grads, grads_ref):
             _close(f"{tag} {mode}.{name}", got, want, dtype, failures)
         if not residual and grads[3].shape != (0,):
@@ -248,13 +257,24 @@ def check_single_read_launches(failures):
     launched = _C._single_read_launches() - launches
     print(f"single-read launches for a 4x16x8x8 float32 training step, plain and fused: {launched} (expected 4)")
     if launched != 4:
-        failures.append(f"single-read kernels launched {launched} times for a small training step, expected 4 "
-                        f"(lower occupancy, e.g. under a sanitizer, or a refused cooperative launch: "
-                        f"{_C._cooperative_refusals()} refusals recorded)")
+        failures.append(
+            f"single-read kernels launched {launched} times for a small training step, expected 4 "
+            f"(lower occupancy, e.g. under a sanitizer, or a refused cooperative launch: "
+            f"{_C._cooperative_refusals()} refusals recorded)"
+        )
 
 
-SMALL_SHAPES = [(2, 3, 5, 7), (3, 5, 7, 9), (4, 64, 8, 8), (2, 1024, 2, 2), (2, 2048, 3, 3), (5, 7, 1, 1),
-                (0, 3, 4, 4), (6, 13), (3, 4, 17)]
+SMALL_SHAPES = [
+    (2, 3, 5, 7),
+    (3, 5, 7, 9),
+    (4, 64, 8, 8),
+    (2, 1024, 2, 2),
+    (2, 2048, 3, 3),
+    (5, 7, 1, 1),
+    (0, 3, 4, 4),
+    (6, 13),
+    (3, 4, 17),
+]
 LARGE_SHAPES = [(32, 64, 56, 56), (64, 256, 28, 28), (8, 3, 223, 221)]
 # L = 16 and C = 16: 16-byte vectors for every dtype in both layouts; L = 9, C = 5: scalars
 SANITIZER_SHAPES = [(2, 16, 4, 4), (3, 5, 3, 3), (0, 3, 4, 4)]
@@ -330,12 +350,26 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--large", action="store_true", help="also sizes that fill the GPU")
     parser.add_argument("--sanitizer", action="store_true", help="the reduced set for compute-sanitizer")
-    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
-                        help="cpu: a dry run of the script (CPU kernels against themselves)")
-    parser.add_argument("--time-budget", type=float, default=None, metavar="S",
-                        help="start no case after S seconds; exit 4 if cases were left (1 if anything failed)")
-    parser.add_argument("--stop-at", type=float, default=None, metavar="T",
-                        help="start no case once time.time() has passed T (seconds since the epoch); as --time-budget")
+    parser.add_argument(
+        "--device",
+        default="cuda",
+        choices=("cuda", "cpu"),
+        help="cpu: a dry run of the script (CPU kernels against themselves)",
+    )
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="S",
+        help="start no case after S seconds; exit 4 if cases were left (1 if anything failed)",
+    )
+    parser.add_argument(
+        "--stop-at",
+        type=float,
+        default=None,
+        metavar="T",
+        help="start no case once time.time() has passed T (seconds since the epoch); as --time-budget",
+    )
     parser.add_argument("--progress-every", type=int, default=25, metavar="N", help="a progress line every N runs")
     args = parser.parse_args()
     start = time.monotonic()
@@ -353,11 +387,17 @@ def main():
                 return 1
     # each case on both paths in turn, the plain and the fused ops' cases interleaved
     work = [(run_case, *c) for c in cases(args)], [(run_act_case, *c) for c in act_cases(args)]
-    runs = [(fn, shape, dtype, memory_format, extras, path) for fn, shape, dtype, memory_format, extras
-            in interleave(*work) for path in ("single_read", "two_pass")]
+    runs = [
+        (fn, shape, dtype, memory_format, extras, path)
+        for fn, shape, dtype, memory_format, extras in interleave(*work)
+        for path in ("single_read", "two_pass")
+    ]
     what = f"{args.device}{', sanitizer set' if args.sanitizer else ''}{', large' if args.large else ''}"
-    print(f"cuda_smoke ({what}): {len(runs)} runs ({len(work[0])} plain-op and {len(work[1])} fused-op cases, "
-          f"each on both paths)", flush=True)
+    print(
+        f"cuda_smoke ({what}): {len(runs)} runs ({len(work[0])} plain-op and {len(work[1])} fused-op cases, "
+        f"each on both paths)",
+        flush=True,
+    )
     progress = {"done": 0}
     try:
         stopped = run_all(runs, args, failures, start, progress)
@@ -367,9 +407,11 @@ def main():
         torch.cuda.synchronize()
     done = progress["done"]
     left = len(runs) - done
-    print(f"cuda_smoke ({what}): {done}/{len(runs)} runs, {len(failures)} failures, "
-          f"{time.monotonic() - start:.0f} s" + (f"; stopped: {stopped}, {left} runs not done" if stopped else ""),
-          flush=True)
+    print(
+        f"cuda_smoke ({what}): {done}/{len(runs)} runs, {len(failures)} failures, "
+        f"{time.monotonic() - start:.0f} s" + (f"; stopped: {stopped}, {left} runs not done" if stopped else ""),
+        flush=True,
+    )
     return 1 if failures else 4 if left else 0
 
 
@@ -380,22 +422,28 @@ def run_all(runs, args, failures, start, progress):
     """Runs each (fn, shape, dtype, memory_format, extras, path), counting them in progress["done"];
     returns why it stopped early, or None."""
     for fn, shape, dtype, memory_format, extras, path in runs:
-        if ((args.time_budget is not None and time.monotonic() - start > args.time_budget)
-                or (args.stop_at is not None and time.time() > args.stop_at)):
+        if (args.time_budget is not None and time.monotonic() - start > args.time_budget) or (
+            args.stop_at is not None and time.time() > args.stop_at
+        ):
             return f"time limit, after {time.monotonic() - start:.0f} s"
         os.environ["BNORM_EXT_CUDA_SINGLE_READ"] = "1" if path == "single_read" else "0"
         try:
             fn(shape, dtype, memory_format, path, failures, device=args.device, **extras)
         except Exception as exc:  # a raising case is a failure; the others still run
             tag = f"{fn.__name__} {'x'.join(map(str, shape))} {str(dtype).split('.')[-1]} {path} {extras}"
-            failures.append(f"{tag}: raised {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+            failures.append(
+                f"{tag}: raised {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            )
             if args.device == "cuda" and is_fatal_cuda_error(exc):
                 progress["done"] += 1
                 return FATAL
         progress["done"] += 1
         if progress["done"] % args.progress_every == 0:
-            print(f"cuda_smoke: {progress['done']}/{len(runs)} runs, {len(failures)} failures, "
-                  f"{time.monotonic() - start:.0f} s", flush=True)
+            print(
+                f"cuda_smoke: {progress['done']}/{len(runs)} runs, {len(failures)} failures, "
+                f"{time.monotonic() - start:.0f} s",
+                flush=True,
+            )
     return None
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import gc
 import math
 import os
@@ -33,7 +34,7 @@ def parse_shape(text: str) -> Tuple[int, ...]:
     try:
         shape = tuple(int(p) for p in parts)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"bad shape {text!r}: expected e.g. 16x64x56x56")
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}: expected e.g. 16x64x56x56") from None
     if len(shape) != 4 or min(shape) <= 0:
         raise argparse.ArgumentTypeError(f"bad shape {text!r}: need 4 positive dims N x C x H x W")
     return shape
@@ -121,7 +122,9 @@ def cpu_once(fn: Callable, number: int) -> float:
     return (time.perf_counter() - t0) / number * 1e3
 
 
-def time_cpu(fns: Dict[str, Callable], repeats: int, warmup: int, min_sample_ms: float) -> Tuple[Dict[str, List[float]], int]:
+def time_cpu(
+    fns: Dict[str, Callable], repeats: int, warmup: int, min_sample_ms: float
+) -> Tuple[Dict[str, List[float]], int]:
     """Interleaved CPU samples (ms per call) of each callable, and the common calls per sample
     (calibrated so that one sample lasts >= min_sample_ms)."""
     names = list(fns)
@@ -178,7 +181,7 @@ def copy_bandwidth(device: str, flush_timer: Optional[CudaTimer], repeats: int) 
     nbytes = (256 << 20) if device == "cuda" else (128 << 20)
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    fn = lambda: dst.copy_(src)  # noqa: E731
+    fn = functools.partial(dst.copy_, src)
     if device == "cuda":
         ms = statistics.median(flush_timer.time({"copy": fn}, max(repeats, 20), 3)["copy"])
     else:
@@ -186,7 +189,7 @@ def copy_bandwidth(device: str, flush_timer: Optional[CudaTimer], repeats: int) 
         for _ in range(2):
             fn()
         ms = min(cpu_once(fn, 1) for _ in range(max(repeats, 5)))
-    del src, dst
+    del fn, src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
@@ -236,12 +239,18 @@ class RowWriter:
             os.fsync(self.file.fileno())
 
 
-def write_ratio_plot(path: str, labels: List[str], series: Dict[str, List[float]], title: str,
-                     ylabel: str = "time ratio (< 1: ours faster)"):
+def write_ratio_plot(
+    path: str,
+    labels: List[str],
+    series: Dict[str, List[float]],
+    title: str,
+    ylabel: str = "time ratio (< 1: ours faster)",
+):
     """Bar chart PNG at path: one bar group per label, one bar per series (name -> ratio per
     label), a line at 1.0; skipped with a message when matplotlib is not installed."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception:

@@ -32,8 +32,16 @@ from common_utils import bn_layer_cases, natural_images  # noqa: E402  (test-sui
 ops = torch.ops.bnorm_ext
 EPS = 1e-5
 MOMENTUM = 0.1
-QUANTITIES = ("output", "save_mean", "save_invstd", "running_mean", "running_var",
-              "grad_input", "grad_weight", "grad_bias")
+QUANTITIES = (
+    "output",
+    "save_mean",
+    "save_invstd",
+    "running_mean",
+    "running_var",
+    "grad_input",
+    "grad_weight",
+    "grad_bias",
+)
 
 
 def resnet_bn_cases(batch=8, size=224, seed=0):
@@ -57,17 +65,34 @@ def errors(x64, dy64, w64, b64, rm64, rv64, memory_format):
 
     def run_torch(x, dy, w, b, rm, rv):
         out, mean, invstd = torch.native_batch_norm(x, w, b, rm, rv, True, MOMENTUM, EPS)
-        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(dy, x, w, rm, rv, mean, invstd, True, EPS,
-                                                              [True, True, True])
-        return dict(output=out, save_mean=mean, save_invstd=invstd, running_mean=rm, running_var=rv,
-                    grad_input=gx, grad_weight=gw, grad_bias=gb)
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            dy, x, w, rm, rv, mean, invstd, True, EPS, [True, True, True]
+        )
+        return dict(
+            output=out,
+            save_mean=mean,
+            save_invstd=invstd,
+            running_mean=rm,
+            running_var=rv,
+            grad_input=gx,
+            grad_weight=gw,
+            grad_bias=gb,
+        )
 
     def run_ours(x, dy, w, b, rm, rv):
         nbt = torch.tensor(0, dtype=torch.long)
         out, mean, invstd = ops.batch_norm_forward_train(x, w, b, rm, rv, nbt, MOMENTUM, EPS)
         gx, gw, gb = ops.batch_norm_backward(dy, x, w, None, None, mean, invstd, True, EPS)
-        return dict(output=out, save_mean=mean, save_invstd=invstd, running_mean=rm, running_var=rv,
-                    grad_input=gx, grad_weight=gw, grad_bias=gb)
+        return dict(
+            output=out,
+            save_mean=mean,
+            save_invstd=invstd,
+            running_mean=rm,
+            running_var=rv,
+            grad_input=gx,
+            grad_weight=gw,
+            grad_bias=gb,
+        )
 
     ref = run_torch(xr, dyr, w.double(), b.double(), rm0.double(), rv0.double())
     ours = run_ours(x, dy, w, b, rm0.clone(), rv0.clone())
@@ -89,16 +114,20 @@ def main(argv=None):
     parser.add_argument("--layouts", default="contiguous,channels_last")
     parser.add_argument("--per-layer", action="store_true", help="print every layer's errors")
     args = parser.parse_args(argv)
-    print(f"bnorm_ext {bnorm_ext.__file__}; torch {torch.__version__}; "
-          f"ResNet-18 batch {args.batch} at {args.size}x{args.size}, seed {args.seed}")
+    print(
+        f"bnorm_ext {bnorm_ext.__file__}; torch {torch.__version__}; "
+        f"ResNet-18 batch {args.batch} at {args.size}x{args.size}, seed {args.seed}"
+    )
     cases = resnet_bn_cases(args.batch, args.size, args.seed)
     formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
     worse = 0
     for layout in args.layouts.split(","):
         per_layer = [(name, errors(x, dy, w, b, rm, rv, formats[layout])) for name, x, dy, w, b, rm, rv in cases]
         print(f"\n{layout}: {len(per_layer)} BN layers; error vs float64 (ours / torch)")
-        print(f"  {'quantity':<13}{'mean err ours':>14}{'torch':>10}{'max err ours':>14}{'torch':>10}"
-              f"{'ratio max err: median':>23}{'worst':>7}{'layers ours>torch':>19}")
+        print(
+            f"  {'quantity':<13}{'mean err ours':>14}{'torch':>10}{'max err ours':>14}{'torch':>10}"
+            f"{'ratio max err: median':>23}{'worst':>7}{'layers ours>torch':>19}"
+        )
         for q in QUANTITIES:
             e = [r[q] for _, r in per_layer]
             mean_o = sum(v[2] for v in e) / len(e)
@@ -108,8 +137,10 @@ def main(argv=None):
             ratios = sorted(v[0] / v[1] if v[1] > 0 else (1.0 if v[0] == 0 else math.inf) for v in e)
             n_worse = sum(v[0] > v[1] for v in e)
             worse += n_worse
-            print(f"  {q:<13}{mean_o:>14.2e}{mean_t:>10.2e}{max_o:>14.2e}{max_t:>10.2e}"
-                  f"{ratios[len(ratios) // 2]:>23.2f}{ratios[-1]:>7.2f}{n_worse:>12} of {len(e)}")
+            print(
+                f"  {q:<13}{mean_o:>14.2e}{mean_t:>10.2e}{max_o:>14.2e}{max_t:>10.2e}"
+                f"{ratios[len(ratios) // 2]:>23.2f}{ratios[-1]:>7.2f}{n_worse:>12} of {len(e)}"
+            )
         if args.per_layer:
             for name, r in per_layer:
                 print(f"    {name:<22}" + " ".join(f"{q}={r[q][0]:.1e}/{r[q][1]:.1e}" for q in QUANTITIES))

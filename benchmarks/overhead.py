@@ -60,8 +60,10 @@ def main():
     ours = bnorm_ext.BatchNorm2d(4)
     ours.load_state_dict(theirs.state_dict())
     cases = {"torch": _cases(theirs, x, grad_out), "bnorm_ext": _cases(ours, x, grad_out)}
-    print(f"torch {torch.__version__}, {args.threads} thread(s), input 2x4x2x2 float32, "
-          f"median of {args.rounds} rounds x {args.calls} calls")
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), input 2x4x2x2 float32, "
+        f"median of {args.rounds} rounds x {args.calls} calls"
+    )
     print(f"{'case':<20} {'torch us':>9} {'ours us':>9} {'ratio':>6}")
     for name in cases["torch"]:
         samples = {"torch": [], "bnorm_ext": []}

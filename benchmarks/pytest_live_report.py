@@ -22,10 +22,15 @@ import pytest
 
 def pytest_addoption(parser):
     group = parser.getgroup("live_report")
-    group.addoption("--stop-after", type=float, default=None,
-                    help="start no test after this many seconds from the session's start")
-    group.addoption("--stop-at", type=float, default=None,
-                    help="start no test once time.time() has passed this (seconds since the epoch)")
+    group.addoption(
+        "--stop-after", type=float, default=None, help="start no test after this many seconds from the session's start"
+    )
+    group.addoption(
+        "--stop-at",
+        type=float,
+        default=None,
+        help="start no test once time.time() has passed this (seconds since the epoch)",
+    )
     group.addoption("--progress-every", type=int, default=50, help="a progress line every N tests")
 
 
@@ -82,8 +87,10 @@ class LiveReport:
                 self._write(self._progress())
 
     def _progress(self):
-        return (f"-- progress: {self.done}/{self.collected} tests, {self.failed} failed, {self.errors} errors, "
-                f"{self.skipped} skipped, {time.monotonic() - self.start:.0f} s")
+        return (
+            f"-- progress: {self.done}/{self.collected} tests, {self.failed} failed, {self.errors} errors, "
+            f"{self.skipped} skipped, {time.monotonic() - self.start:.0f} s"
+        )
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item, nextitem):

@@ -20,25 +20,23 @@ def _torch_release(version: str) -> tuple:
 
 
 if _torch_release(torch.__version__) < MIN_TORCH:
-    raise ImportError(
-        f"bnorm_ext needs torch>={MIN_TORCH[0]}.{MIN_TORCH[1]}, found torch {torch.__version__}"
-    )
+    raise ImportError(f"bnorm_ext needs torch>={MIN_TORCH[0]}.{MIN_TORCH[1]}, found torch {torch.__version__}")
 
 from . import _C  # noqa: E402, F401  (registers the ops and their kernels)
-from . import _fake  # noqa: F401  (fake kernels for torch.compile / FakeTensor)
-from . import _inductor_decomp, _onnx, conv_bn_fusion
-from .functional import BatchNormFunction, batch_norm
-from .activation import BatchNormAct2d, batch_norm_act
-from .fx_activation_fusion import fuse_activations
-from .modules import (
+from . import _fake  # noqa: E402, F401  (fake kernels for torch.compile / FakeTensor)
+from . import _inductor_decomp, _onnx, conv_bn_fusion  # noqa: E402
+from .functional import BatchNormFunction, batch_norm  # noqa: E402
+from .activation import BatchNormAct2d, batch_norm_act  # noqa: E402
+from .fx_activation_fusion import fuse_activations  # noqa: E402
+from .modules import (  # noqa: E402
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
     convert_batchnorm,
     revert_batchnorm,
 )
-from .conv_bn_fusion import fuse_conv_bn
-from .sync_batchnorm import SyncBatchNorm
+from .conv_bn_fusion import fuse_conv_bn  # noqa: E402
+from .sync_batchnorm import SyncBatchNorm  # noqa: E402
 
 _onnx.register()
 conv_bn_fusion.register()

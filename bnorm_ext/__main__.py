@@ -16,7 +16,7 @@ def main() -> None:
     print(f"debug build: {'yes' if info['debug'] else 'no'}")
     print(f"CPU kernels: {info['cpu_isa']} build (BNORM_EXT_CPU_ISA=default|avx2 caps it)")
     print(f"CUDA device available: {torch.cuda.is_available()}")
-    ops = sorted(s.name.split("::")[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("bnorm_ext::"))
+    ops = sorted({s.name.split("::")[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("bnorm_ext::")})
     print(f"ops: {', '.join(ops)}")
 
 

@@ -68,8 +68,9 @@ def _write_back_running_stat(batched: Optional[Tensor], flat: Optional[Tensor]) 
         batched.copy_(flat.view(batched.shape))
 
 
-def _forward_train_folded(op, B, in_dims, input, weight, bias, running_mean, running_var, num_batches_tracked,
-                          momentum, eps, *extra):
+def _forward_train_folded(
+    op, B, in_dims, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, *extra
+):
     # A training forward op (plain or fused; `extra`: its arguments after eps, already folded)
     # on the vmapped dim folded into the channels, running statistics written back.
     input_dim, weight_dim, bias_dim, mean_dim, var_dim, count_dim = in_dims[:6]
@@ -108,21 +109,43 @@ def _forward_eval_folded(op, B, in_dims, input, weight, bias, running_mean, runn
 
 
 @torch.library.register_vmap("bnorm_ext::batch_norm_forward_train")
-def _forward_train_vmap(info, in_dims, input, weight, bias, running_mean, running_var, num_batches_tracked,
-                        momentum, eps):
-    return _forward_train_folded(torch.ops.bnorm_ext.batch_norm_forward_train, info.batch_size, in_dims, input,
-                                 weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)
+def _forward_train_vmap(
+    info, in_dims, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
+):
+    return _forward_train_folded(
+        torch.ops.bnorm_ext.batch_norm_forward_train,
+        info.batch_size,
+        in_dims,
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        momentum,
+        eps,
+    )
 
 
 @torch.library.register_vmap("bnorm_ext::batch_norm_forward_eval")
 def _forward_eval_vmap(info, in_dims, input, weight, bias, running_mean, running_var, eps):
-    return _forward_eval_folded(torch.ops.bnorm_ext.batch_norm_forward_eval, info.batch_size, in_dims, input,
-                                weight, bias, running_mean, running_var, eps)
+    return _forward_eval_folded(
+        torch.ops.bnorm_ext.batch_norm_forward_eval,
+        info.batch_size,
+        in_dims,
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        eps,
+    )
 
 
 @torch.library.register_vmap("bnorm_ext::batch_norm_backward")
-def _backward_vmap(info, in_dims, grad_out, input, weight, running_mean, running_var, save_mean, save_invstd,
-                   training, eps):
+def _backward_vmap(
+    info, in_dims, grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps
+):
     B = info.batch_size
     channel_args = zip((weight, running_mean, running_var, save_mean, save_invstd), in_dims[2:7])
     grad_input, grad_weight, grad_bias = torch.ops.bnorm_ext.batch_norm_backward.default(
@@ -136,26 +159,81 @@ def _backward_vmap(info, in_dims, grad_out, input, weight, running_mean, running
 
 
 @torch.library.register_vmap("bnorm_ext::batch_norm_act_forward_train")
-def _act_forward_train_vmap(info, in_dims, input, weight, bias, running_mean, running_var, num_batches_tracked,
-                            momentum, eps, residual, activation, negative_slope):
+def _act_forward_train_vmap(
+    info,
+    in_dims,
+    input,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    num_batches_tracked,
+    momentum,
+    eps,
+    residual,
+    activation,
+    negative_slope,
+):
     B = info.batch_size
-    return _forward_train_folded(torch.ops.bnorm_ext.batch_norm_act_forward_train, B, in_dims, input, weight, bias,
-                                 running_mean, running_var, num_batches_tracked, momentum, eps,
-                                 _fold_input(residual, in_dims[8], B), activation, negative_slope)
+    return _forward_train_folded(
+        torch.ops.bnorm_ext.batch_norm_act_forward_train,
+        B,
+        in_dims,
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        momentum,
+        eps,
+        _fold_input(residual, in_dims[8], B),
+        activation,
+        negative_slope,
+    )
 
 
 @torch.library.register_vmap("bnorm_ext::batch_norm_act_forward_eval")
-def _act_forward_eval_vmap(info, in_dims, input, weight, bias, running_mean, running_var, eps, residual, activation,
-                           negative_slope):
+def _act_forward_eval_vmap(
+    info, in_dims, input, weight, bias, running_mean, running_var, eps, residual, activation, negative_slope
+):
     B = info.batch_size
-    return _forward_eval_folded(torch.ops.bnorm_ext.batch_norm_act_forward_eval, B, in_dims, input, weight, bias,
-                                running_mean, running_var, eps, _fold_input(residual, in_dims[6], B), activation,
-                                negative_slope)
+    return _forward_eval_folded(
+        torch.ops.bnorm_ext.batch_norm_act_forward_eval,
+        B,
+        in_dims,
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        eps,
+        _fold_input(residual, in_dims[6], B),
+        activation,
+        negative_slope,
+    )
 
 
 @torch.library.register_vmap("bnorm_ext::batch_norm_act_backward")
-def _act_backward_vmap(info, in_dims, grad_out, output, input, weight, bias, running_mean, running_var, save_mean,
-                       save_invstd, residual, training, eps, need_grad_residual, activation, negative_slope):
+def _act_backward_vmap(
+    info,
+    in_dims,
+    grad_out,
+    output,
+    input,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    save_mean,
+    save_invstd,
+    residual,
+    training,
+    eps,
+    need_grad_residual,
+    activation,
+    negative_slope,
+):
     B = info.batch_size
     channel_args = zip((weight, bias, running_mean, running_var, save_mean, save_invstd), in_dims[3:9])
     grad_input, grad_weight, grad_bias, grad_residual = torch.ops.bnorm_ext.batch_norm_act_backward.default(
@@ -174,5 +252,7 @@ def _act_backward_vmap(info, in_dims, grad_out, output, input, weight, bias, run
         grad_residual, residual_dim = _unfold_input(grad_residual, B), 1
     else:
         residual_dim = None  # the op's empty [0] placeholder
-    return ((_unfold_input(grad_input, B), grad_weight.view(B, -1), grad_bias.view(B, -1), grad_residual),
-            (1, 0, 0, residual_dim))
+    return (
+        (_unfold_input(grad_input, B), grad_weight.view(B, -1), grad_bias.view(B, -1), grad_residual),
+        (1, 0, 0, residual_dim),
+    )

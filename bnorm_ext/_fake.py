@@ -66,8 +66,19 @@ def _(grad_out, input, mean, invstd, weight, sum_dy, sum_dy_xmu, counts):
 
 
 @torch.library.register_fake("bnorm_ext::batch_norm_act_forward_train")
-def _(input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, residual, activation,
-      negative_slope):
+def _(
+    input,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    num_batches_tracked,
+    momentum,
+    eps,
+    residual,
+    activation,
+    negative_slope,
+):
     return _like_output(input), _channel_stat(input), _channel_stat(input)
 
 
@@ -77,8 +88,23 @@ def _(input, weight, bias, running_mean, running_var, eps, residual, activation,
 
 
 @torch.library.register_fake("bnorm_ext::batch_norm_act_backward")
-def _(grad_out, output, input, weight, bias, running_mean, running_var, save_mean, save_invstd, residual, training,
-      eps, need_grad_residual, activation, negative_slope):
+def _(
+    grad_out,
+    output,
+    input,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    save_mean,
+    save_invstd,
+    residual,
+    training,
+    eps,
+    need_grad_residual,
+    activation,
+    negative_slope,
+):
     param_dtype = weight.dtype if weight is not None else _acc_dtype(input.dtype)
     C = input.shape[1]
     return (
@@ -91,12 +117,45 @@ def _(grad_out, output, input, weight, bias, running_mean, running_var, save_mea
 
 # The `.out` overloads write into (and return) the given tensors.
 @torch.library.register_fake("bnorm_ext::batch_norm_backward.out")
-def _(grad_out, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps, *, grad_input,
-      grad_weight, grad_bias):
+def _(
+    grad_out,
+    input,
+    weight,
+    running_mean,
+    running_var,
+    save_mean,
+    save_invstd,
+    training,
+    eps,
+    *,
+    grad_input,
+    grad_weight,
+    grad_bias,
+):
     return grad_input, grad_weight, grad_bias
 
 
 @torch.library.register_fake("bnorm_ext::batch_norm_act_backward.out")
-def _(grad_out, output, input, weight, bias, running_mean, running_var, save_mean, save_invstd, residual, training,
-      eps, need_grad_residual, activation, negative_slope, *, grad_input, grad_weight, grad_bias, grad_residual):
+def _(
+    grad_out,
+    output,
+    input,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    save_mean,
+    save_invstd,
+    residual,
+    training,
+    eps,
+    need_grad_residual,
+    activation,
+    negative_slope,
+    *,
+    grad_input,
+    grad_weight,
+    grad_bias,
+    grad_residual,
+):
     return grad_input, grad_weight, grad_bias, grad_residual

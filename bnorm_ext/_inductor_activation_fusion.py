@@ -24,6 +24,7 @@ _TRAIN = (_OPS.batch_norm_forward_train, _OPS.batch_norm_forward_train.default)
 _EVAL = (_OPS.batch_norm_forward_eval, _OPS.batch_norm_forward_eval.default)
 _ATEN = torch.ops.aten
 
+
 def _example(node: fx.Node) -> Any:
     return node.meta.get("example_value", node.meta.get("val"))
 

@@ -65,9 +65,9 @@ def _decomposable(input, weight, bias, running_mean, running_var, eps) -> bool:
 
 def _normalize(input, weight, bias, running_mean, running_var, eps) -> Tensor:
     # torch's eval BatchNorm: the op F.batch_norm(training=False) traces to.
-    return _ATEN._native_batch_norm_legit_no_training.default(
-        input, weight, bias, running_mean, running_var, 0.0, eps
-    )[0]
+    return _ATEN._native_batch_norm_legit_no_training.default(input, weight, bias, running_mean, running_var, 0.0, eps)[
+        0
+    ]
 
 
 def batch_norm_forward_eval(input, weight, bias, running_mean, running_var, eps):

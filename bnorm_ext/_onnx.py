@@ -56,8 +56,9 @@ def _check_activation(activation: str, negative_slope: float) -> None:
         )
 
 
-def batch_norm_act_eval_as_aten(input, weight, bias, running_mean, running_var, eps, residual, activation,
-                                negative_slope):
+def batch_norm_act_eval_as_aten(
+    input, weight, bias, running_mean, running_var, eps, residual, activation, negative_slope
+):
     """bnorm_ext::batch_norm_act_forward_eval written as the ATen ops torch's
     eval BatchNorm -> add -> activation exports to. NB: the add and activation
     run in the input dtype, as in torch's composition (bfloat16/half: one more
@@ -109,9 +110,7 @@ def _torchscript_symbolic(torch_batch_norm_symbolic):
 
     @symbolic_helper.parse_args("v", "v", "v", "v", "v", "f")
     def batch_norm_forward_eval(g, input, weight, bias, running_mean, running_var, eps):
-        return torch_batch_norm_symbolic(
-            g, input, weight, bias, running_mean, running_var, 0, _EXPORT_MOMENTUM, eps, 0
-        )
+        return torch_batch_norm_symbolic(g, input, weight, bias, running_mean, running_var, 0, _EXPORT_MOMENTUM, eps, 0)
 
     return batch_norm_forward_eval
 
@@ -122,8 +121,9 @@ def _torchscript_act_symbolic(torch_batch_norm_symbolic):
     from torch.onnx import symbolic_helper, symbolic_opset9
 
     @symbolic_helper.parse_args("v", "v", "v", "v", "v", "f", "v", "s", "f")
-    def batch_norm_act_forward_eval(g, input, weight, bias, running_mean, running_var, eps, residual, activation,
-                                    negative_slope):
+    def batch_norm_act_forward_eval(
+        g, input, weight, bias, running_mean, running_var, eps, residual, activation, negative_slope
+    ):
         _check_activation(activation, negative_slope)
         output = torch_batch_norm_symbolic(
             g, input, weight, bias, running_mean, running_var, 0, _EXPORT_MOMENTUM, eps, 0

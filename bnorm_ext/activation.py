@@ -64,8 +64,17 @@ def _batch_norm_act(
         fused_activation = "identity"
     if training:
         output = torch.ops.bnorm_ext.batch_norm_act_forward_train(
-            input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, fused_residual,
-            fused_activation, negative_slope,
+            input,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            momentum,
+            eps,
+            fused_residual,
+            fused_activation,
+            negative_slope,
         )[0]
     else:
         assert running_mean is not None and running_var is not None  # checked above; for TorchScript

@@ -12,7 +12,6 @@
 
 import copy
 
-import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval

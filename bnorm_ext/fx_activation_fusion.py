@@ -20,8 +20,14 @@ _FUSABLE_BN = (nn.BatchNorm2d, BatchNorm2d)
 _ACT_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.SiLU: "silu"}
 _RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_, torch.ops.aten.relu.default, torch.ops.aten.relu_.default)
 _SILU_FUNCTIONS = (F.silu, torch.ops.aten.silu.default, torch.ops.aten.silu_.default)
-_LEAKY_RELU_FUNCTIONS = (F.leaky_relu, F.leaky_relu_, torch._C._nn.leaky_relu, torch._C._nn.leaky_relu_,
-                         torch.ops.aten.leaky_relu.default, torch.ops.aten.leaky_relu_.default)
+_LEAKY_RELU_FUNCTIONS = (
+    F.leaky_relu,
+    F.leaky_relu_,
+    torch._C._nn.leaky_relu,
+    torch._C._nn.leaky_relu_,
+    torch.ops.aten.leaky_relu.default,
+    torch.ops.aten.leaky_relu_.default,
+)
 _ADD_FUNCTIONS = (operator.add, torch.add, torch.ops.aten.add.Tensor)
 # NB: in-place adds write into their first operand, so it must be the BatchNorm's output.
 _ADD_INPLACE_FUNCTIONS = (operator.iadd, torch.ops.aten.add_.Tensor)
@@ -62,8 +68,10 @@ def _activation_of(node: fx.Node, modules=None) -> Optional[Tuple[fx.Node, str, 
         return x, "relu", 0.0
     if node.target in _SILU_FUNCTIONS and len(node.args) <= 2 and _only_kwargs(node, ("inplace",)):
         return x, "silu", 0.0
-    if node.target in _LEAKY_RELU_FUNCTIONS and len(node.args) <= 3 and _only_kwargs(
-        node, ("negative_slope", "inplace")
+    if (
+        node.target in _LEAKY_RELU_FUNCTIONS
+        and len(node.args) <= 3
+        and _only_kwargs(node, ("negative_slope", "inplace"))
     ):
         slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
         if isinstance(slope, (int, float)) and not isinstance(slope, bool) and slope >= 0:

@@ -129,9 +129,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         # the backward would be differentiated (create_graph=True with grad
         # requiring inputs), before any collective, rather than returning
         # gradients that silently lack their dependence on the input.
-        if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (grad_out, input, weight)
-        ):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (grad_out, input, weight)):
             raise RuntimeError(
                 "bnorm_ext.SyncBatchNorm: double backward (create_graph=True) is not supported "
                 "across processes; use bnorm_ext.BatchNorm*d for a single process"

@@ -30,9 +30,9 @@ memory_formats = [
 ]
 
 
-
 def acc_dtype_for(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
 
 # The CUDA training kernels: "single_read" (one cooperative launch that keeps
 # the input on chip; used where it fits) or "two_pass" (forced by the environment).
@@ -41,8 +41,15 @@ CUDA_PATHS = ["single_read", "two_pass"]
 SEED = 1234
 
 
-def randn_shifted(shape, dtype=torch.float32, device="cpu", scale=3.0, shift=5.0,
-                  memory_format=torch.contiguous_format, generator=None):
+def randn_shifted(
+    shape,
+    dtype=torch.float32,
+    device="cpu",
+    scale=3.0,
+    shift=5.0,
+    memory_format=torch.contiguous_format,
+    generator=None,
+):
     """Random data with non-zero mean: x*scale + shift, built in float64 then cast."""
     x = torch.randn(shape, dtype=torch.float64, generator=generator) * scale + shift
     # make the per-channel statistics differ between channels
@@ -139,13 +146,14 @@ def randomize_bn_(mod):
             mod.bias.copy_(torch.randn_like(mod.bias, dtype=torch.float64).to(mod.bias.dtype))
         if mod.track_running_stats:
             mod.running_mean.copy_(torch.randn_like(mod.running_mean, dtype=torch.float64).to(mod.running_mean.dtype))
-            mod.running_var.copy_((0.5 + torch.rand_like(mod.running_var, dtype=torch.float64)).to(mod.running_var.dtype))
+            mod.running_var.copy_(
+                (0.5 + torch.rand_like(mod.running_var, dtype=torch.float64)).to(mod.running_var.dtype)
+            )
             mod.num_batches_tracked.fill_(3)
     return mod
 
 
-def make_bn_pair(torch_cls, our_cls, num_features, device="cpu", param_dtype=torch.float32,
-                 randomize=True, **kwargs):
+def make_bn_pair(torch_cls, our_cls, num_features, device="cpu", param_dtype=torch.float32, randomize=True, **kwargs):
     """torch module, our module (same state) and a float64 CPU reference copy."""
     tmod = torch_cls(num_features, **kwargs)
     if randomize:
@@ -229,8 +237,9 @@ def assert_matches(ours, theirs, ref, dtype, what="", relative_to_torch=False, c
         err = max_abs_err(o, ref)
         err_t = max_abs_err(theirs, ref)
         try:
-            torch.testing.assert_close(ours, theirs, rtol=rtol * c, atol=atol * c + atol_extra,
-                                       msg=lambda m: f"{what}: {m}")
+            torch.testing.assert_close(
+                ours, theirs, rtol=rtol * c, atol=atol * c + atol_extra, msg=lambda m: f"{what}: {m}"
+            )
         except AssertionError:
             # NB: far from torch is fine only where torch is the less accurate one (e.g. torch's
             # float32 channels_last CPU kernel on 50k values per channel: 2.9e-5 vs ours 2.9e-6).
@@ -240,14 +249,16 @@ def assert_matches(ours, theirs, ref, dtype, what="", relative_to_torch=False, c
         scale = max(1.0, ref.abs().max().item())
         tol = (1e-4 if dtype == torch.float32 else 1e-10) * scale * c + atol_extra
         assert err <= 2.0 * err_t + tol, (
-            f"{what}: error vs float64 reference {err:.3e} > 2*torch_err({err_t:.3e}) + {tol:.3e}")
+            f"{what}: error vs float64 reference {err:.3e} > 2*torch_err({err_t:.3e}) + {tol:.3e}"
+        )
     else:
         err_o = max_abs_err(o, ref)
         err_t = max_abs_err(theirs, ref)
         atol = LOWP_ATOL.get(dtype, 1e-5) * max(1.0, ref.abs().max().item())
         bound = 2.0 * err_t + atol + atol_extra
         assert err_o <= bound, (
-            f"{what}: max abs error vs float64 reference {err_o:.4e} > 2*torch_err({err_t:.4e}) + {atol:.2e}")
+            f"{what}: max abs error vs float64 reference {err_o:.4e} > 2*torch_err({err_t:.4e}) + {atol:.2e}"
+        )
 
 
 def reduction_atol(x, dy, ref_mod, training, dtype, ulps=4.0):
@@ -271,7 +282,8 @@ def reduction_atol(x, dy, ref_mod, training, dtype, ulps=4.0):
 
 def assert_same_strides(ours, theirs, what="output"):
     assert ours.stride() == theirs.stride(), (
-        f"{what}: strides {ours.stride()} != torch {theirs.stride()} (shape {tuple(ours.shape)})")
+        f"{what}: strides {ours.stride()} != torch {theirs.stride()} (shape {tuple(ours.shape)})"
+    )
 
 
 def run_train_step(mod, x, dy):
@@ -316,12 +328,14 @@ def _check_param_grads(omod, tmod, o_grads, t_grads, r_grads, param_dtype, tag, 
         if tp is None:
             assert go is None
             continue
-        assert_matches(go, gt, gr, param_dtype, f"{tag} grad_{name}", relative_to_torch=mixed, cond=cond,
-                       atol_extra=red_atol)
+        assert_matches(
+            go, gt, gr, param_dtype, f"{tag} grad_{name}", relative_to_torch=mixed, cond=cond, atol_extra=red_atol
+        )
 
 
-def check_parity(torch_cls, our_cls, make_x, dtype, device, param_dtype=None, steps=STEPS,
-                 check_strides=True, **bn_kwargs):
+def check_parity(
+    torch_cls, our_cls, make_x, dtype, device, param_dtype=None, steps=STEPS, check_strides=True, **bn_kwargs
+):
     """Train `steps` steps with fresh random inputs, then one eval step (forward + backward).
 
     make_x(dtype, device) -> input tensor (any layout).
@@ -349,16 +363,32 @@ def check_parity(torch_cls, our_cls, make_x, dtype, device, param_dtype=None, st
         if check_strides:
             assert_same_strides(out_o, out_t, f"{tag} output")
         assert_matches(gx_o, gx_t, gx_r, dtype, f"{tag} grad_input", cond=cond)
-        _check_param_grads(omod, tmod, (gw_o, gb_o), (gw_t, gb_t), (gw_r, gb_r), param_dtype, tag, mixed, cond,
-                           red_atol)
+        _check_param_grads(
+            omod, tmod, (gw_o, gb_o), (gw_t, gb_t), (gw_r, gb_r), param_dtype, tag, mixed, cond, red_atol
+        )
         if bn_kwargs.get("track_running_stats", True):
-            assert_matches(omod.running_mean, tmod.running_mean, ref.running_mean, param_dtype,
-                           f"{tag} running_mean", relative_to_torch=mixed, cond=cond)
-            assert_matches(omod.running_var, tmod.running_var, ref.running_var, param_dtype,
-                           f"{tag} running_var", relative_to_torch=mixed, cond=cond)
+            assert_matches(
+                omod.running_mean,
+                tmod.running_mean,
+                ref.running_mean,
+                param_dtype,
+                f"{tag} running_mean",
+                relative_to_torch=mixed,
+                cond=cond,
+            )
+            assert_matches(
+                omod.running_var,
+                tmod.running_var,
+                ref.running_var,
+                param_dtype,
+                f"{tag} running_var",
+                relative_to_torch=mixed,
+                cond=cond,
+            )
             assert omod.num_batches_tracked.dtype == torch.long
             assert torch.equal(omod.num_batches_tracked, tmod.num_batches_tracked), (
-                f"{tag}: num_batches_tracked {omod.num_batches_tracked} vs torch {tmod.num_batches_tracked}")
+                f"{tag}: num_batches_tracked {omod.num_batches_tracked} vs torch {tmod.num_batches_tracked}"
+            )
         else:
             assert omod.running_mean is None and omod.running_var is None
             assert omod.num_batches_tracked is None
@@ -380,8 +410,7 @@ def check_parity(torch_cls, our_cls, make_x, dtype, device, param_dtype=None, st
     out_o, gx_o, gw_o, gb_o = run_train_step(omod, x, dy)
     out_r, gx_r, gw_r, gb_r = run_train_step(ref, x.detach().cpu().double(), dy.cpu().double())
     assert_matches(gx_o, gx_t, gx_r, dtype, "eval grad_input", cond=cond)
-    _check_param_grads(omod, tmod, (gw_o, gb_o), (gw_t, gb_t), (gw_r, gb_r), param_dtype, "eval", mixed, cond,
-                       red_atol)
+    _check_param_grads(omod, tmod, (gw_o, gb_o), (gw_t, gb_t), (gw_r, gb_r), param_dtype, "eval", mixed, cond, red_atol)
     if bn_kwargs.get("track_running_stats", True):
         assert torch.equal(omod.num_batches_tracked, tmod.num_batches_tracked)
     return tmod, omod

@@ -37,8 +37,7 @@ def _fixed_seed():
 
 
 def pytest_addoption(parser):
-    parser.addoption("--runslow", action="store_true", default=False,
-                     help="run tests marked slow")
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
 
 
 def pytest_configure(config):

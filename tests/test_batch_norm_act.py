@@ -11,8 +11,7 @@ from torch import nn
 from torch.autograd import forward_ad, gradcheck, gradgradcheck
 
 import bnorm_ext
-from common_utils import (acc_dtype_for, devices, dtypes, memory_formats, misaligned_copy, randn_shifted,
-                      requires_cuda)
+from common_utils import devices, dtypes, memory_formats, misaligned_copy, randn_shifted, requires_cuda
 
 ACTIVATIONS = ["identity", "relu", "leaky_relu", "silu"]
 SLOPE = 0.2
@@ -44,7 +43,11 @@ def make_case(shape, dtype, device, memory_format, param_dtype=None, residual=Tr
     w = (1 + 0.5 * torch.randn(C, dtype=torch.float64)).to(device, pdt)
     b = torch.randn(C, dtype=torch.float64).to(device, pdt)
     # NB: residual of size comparable to BN's output, so relu's mask depends on both.
-    r = (torch.randn(shape, dtype=torch.float64)).to(device, dtype).contiguous(memory_format=memory_format) if residual else None
+    r = (
+        (torch.randn(shape, dtype=torch.float64)).to(device, dtype).contiguous(memory_format=memory_format)
+        if residual
+        else None
+    )
     rm = torch.randn(C, dtype=torch.float64).to(device, pdt)
     rv = (torch.rand(C, dtype=torch.float64) + 0.5).to(device, pdt)
     return x, w, b, r, rm, rv
@@ -107,8 +110,10 @@ def _fn(training, activation, has_residual, device="cpu"):
     rv = (torch.rand(GRAD_SHAPE[1], dtype=torch.float64) + 0.5).to(device)
 
     def f(x, w, b, *r):
-        return bnorm_ext.batch_norm_act(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-3, activation, SLOPE,
-                                        r[0] if has_residual else None)
+        return bnorm_ext.batch_norm_act(
+            x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-3, activation, SLOPE, r[0] if has_residual else None
+        )
+
     return f
 
 
@@ -152,8 +157,11 @@ def test_forward_ad_matches_torch(activation, has_residual, training):
             out = fn(dx, rm.clone(), rv.clone(), dw, db, training, activation, dr)
             return forward_ad.unpack_dual(out).tangent
 
-    ours = run(lambda x_, rm_, rv_, w_, b_, t_, a_, r_: bnorm_ext.batch_norm_act(
-        x_, rm_, rv_, w_, b_, t_, 0.1, EPS, a_, SLOPE, r_))
+    ours = run(
+        lambda x_, rm_, rv_, w_, b_, t_, a_, r_: bnorm_ext.batch_norm_act(
+            x_, rm_, rv_, w_, b_, t_, 0.1, EPS, a_, SLOPE, r_
+        )
+    )
     theirs = run(composed)
     assert_close(ours, theirs, 1e-11, 1e-11, "output tangent")
 
@@ -167,8 +175,7 @@ def test_func_jvp_of_module_matches_torch(training, activation, has_residual):
     # the output does not depend on them, so the reference runs without them and the
     # running stats are checked against one eager torch call.
     torch_bn = nn.BatchNorm2d(5).double().train(training)
-    x, w, b, r, rm, rv = make_case((3, 5, 4, 4), torch.float64, "cpu", torch.contiguous_format,
-                                   residual=has_residual)
+    x, w, b, r, rm, rv = make_case((3, 5, 4, 4), torch.float64, "cpu", torch.contiguous_format, residual=has_residual)
     with torch.no_grad():
         torch_bn.weight.copy_(w), torch_bn.bias.copy_(b), torch_bn.running_mean.copy_(rm)
         torch_bn.running_var.copy_(rv)
@@ -249,12 +256,15 @@ def fused_step(x, w, b, r, rm, rv, g, training, activation, slope=SLOPE):
     saved_y = y if activation in ("relu", "leaky_relu") else None
     saved_r = r if activation == "silu" else None
     grads = ops.batch_norm_act_backward(
-        g, saved_y, x, w, b, *stats, saved_r, training, EPS, r is not None, activation, slope)
+        g, saved_y, x, w, b, *stats, saved_r, training, EPS, r is not None, activation, slope
+    )
     return forward + list(grads)
 
 
-STEP_RESULTS = {True: ["output", "save_mean", "save_invstd", "running_mean", "running_var", "num_batches_tracked"],
-                False: ["output"]}
+STEP_RESULTS = {
+    True: ["output", "save_mean", "save_invstd", "running_mean", "running_var", "num_batches_tracked"],
+    False: ["output"],
+}
 GRAD_NAMES = ["grad_input", "grad_weight", "grad_bias", "grad_residual"]
 # CUDA (acc dtype float32 for float32/bfloat16/float16) against the CPU kernels
 # (float64 sums): relative to max(1, |reference|).
@@ -314,7 +324,7 @@ def test_cuda_matches_cpu_kernels_and_torch(dtype, memory_format, activation, ha
         n = len(STEP_RESULTS[training])
         tol = TOL[dtype]
         assert_close(ours[0].cpu().double(), out.detach(), tol * 4 * max(1.0, out.abs().max().item()), tol, "output")
-        for name, mine, th in zip(GRAD_NAMES, ours[n:n + 3] + ([ours[n + 3]] if has_residual else []), theirs):
+        for name, mine, th in zip(GRAD_NAMES, ours[n : n + 3] + ([ours[n + 3]] if has_residual else []), theirs):
             assert_close(mine.cpu().double(), th, tol * 8 * max(1.0, th.abs().max().item()), tol * 4, name)
         if not has_residual:
             assert ours[n + 3].shape == (0,)
@@ -338,8 +348,17 @@ def test_cuda_misaligned_tensors(dtype, memory_format, activation, cuda_path):
             for k in dev:
                 if which in (k, "all"):
                     dev[k] = misaligned_copy(dev[k])
-            ours = fused_step(dev["x"], w.cuda(), b.cuda(), dev["residual"], rm.cuda(), rv.cuda(), dev["grad_out"],
-                              training, activation)
+            ours = fused_step(
+                dev["x"],
+                w.cuda(),
+                b.cuda(),
+                dev["residual"],
+                rm.cuda(),
+                rv.cuda(),
+                dev["grad_out"],
+                training,
+                activation,
+            )
             assert_cuda_matches_cpu(ours, ref, STEP_RESULTS[training] + GRAD_NAMES, dtype)
 
 
@@ -350,7 +369,8 @@ def test_cuda_misaligned_saved_output(activation):
     x, w, b, r, rm, rv = make_case((4, 16, 4, 6), torch.float32, "cuda", torch.contiguous_format)
     g = torch.randn_like(x)
     y, mean, invstd = torch.ops.bnorm_ext.batch_norm_act_forward_train(
-        x, w, b, None, None, None, 0.1, EPS, r, activation, SLOPE)
+        x, w, b, None, None, None, 0.1, EPS, r, activation, SLOPE
+    )
     args = (x, w, b, None, None, mean, invstd, None, True, EPS, True, activation, SLOPE)
     aligned = torch.ops.bnorm_ext.batch_norm_act_backward(g, y, *args)
     misaligned = torch.ops.bnorm_ext.batch_norm_act_backward(g, misaligned_copy(y), *args)
@@ -394,7 +414,8 @@ def test_empty_batch_and_bad_arguments_leave_running_stats(device):
     assert torch.equal(rm, saved[0]) and torch.equal(rv, saved[1]) and nbt.item() == 0
     with pytest.raises(RuntimeError, match="reads its derivative from output, which is None"):
         torch.ops.bnorm_ext.batch_norm_act_backward(
-            x, None, x, w, b, rm, rv, None, None, None, False, EPS, False, "relu", 0.0)
+            x, None, x, w, b, rm, rv, None, None, None, False, EPS, False, "relu", 0.0
+        )
     empty = torch.empty(0, 3, 4, 4, device=device)
     out = bnorm_ext.batch_norm_act(empty, rm, rv, w, b, False, residual=torch.empty(0, 3, 4, 4, device=device))
     assert out.shape == empty.shape
@@ -403,8 +424,22 @@ def test_empty_batch_and_bad_arguments_leave_running_stats(device):
     assert out.shape == empty.shape and nbt.item() == 1
     assert torch.equal(rm, saved[0]) and torch.equal(rv, saved[1])
     grads = torch.ops.bnorm_ext.batch_norm_act_backward(
-        empty, out, empty, w, b, None, None, torch.zeros(3, device=device), torch.ones(3, device=device), empty,
-        True, EPS, True, "relu", 0.0)
+        empty,
+        out,
+        empty,
+        w,
+        b,
+        None,
+        None,
+        torch.zeros(3, device=device),
+        torch.ones(3, device=device),
+        empty,
+        True,
+        EPS,
+        True,
+        "relu",
+        0.0,
+    )
     assert [tuple(g.shape) for g in grads] == [(0, 3, 4, 4), (3,), (3,), (0, 3, 4, 4)]
     assert not grads[1].any() and not grads[2].any()
 
@@ -425,13 +460,37 @@ def test_nan_propagates_like_torch(device):
 def test_silu_extreme_pre_activations_like_torch(device, dtype):
     # silu's exponential in float (the CPU kernels' own, branch-free one) at and past its range
     # limits: overflow, subnormal and zero results, +-Inf and NaN, forward and backward.
-    specials = [float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 120.0, -120.0, 104.5, -104.5, 103.0,
-                -103.0, 89.0, -89.0, 88.72, -88.72, 87.5, -87.5, 80.0, -80.0, 20.0, -20.0, 1e-3, -1e-3, 0.0]
+    specials = [
+        float("nan"),
+        float("inf"),
+        -float("inf"),
+        1e30,
+        -1e30,
+        120.0,
+        -120.0,
+        104.5,
+        -104.5,
+        103.0,
+        -103.0,
+        89.0,
+        -89.0,
+        88.72,
+        -88.72,
+        87.5,
+        -87.5,
+        80.0,
+        -80.0,
+        20.0,
+        -20.0,
+        1e-3,
+        -1e-3,
+        0.0,
+    ]
     x, w, b, _, rm, rv = make_case((2, 4, 5, 5), torch.float32, device, torch.contiguous_format)
     x, rm, rv, w, b = (t.to(dtype) for t in (x, rm, rv, w, b))
     r = torch.zeros_like(x)
-    r.view(-1)[:len(specials)] = torch.tensor(specials, dtype=dtype)
-    r.view(-1)[len(specials):] = torch.linspace(-110, 100, r.numel() - len(specials), dtype=dtype)
+    r.view(-1)[: len(specials)] = torch.tensor(specials, dtype=dtype)
+    r.view(-1)[len(specials) :] = torch.linspace(-110, 100, r.numel() - len(specials), dtype=dtype)
     # Reference in float32 (bfloat16: the fused op rounds once, at the end).
     y_bn = F.batch_norm(x.float(), rm.float(), rv.float(), w.float(), b.float(), False, 0.1, EPS)
     z = (y_bn + r.float()).requires_grad_()
@@ -527,8 +586,7 @@ def test_module_state_dict_repr_script_and_fx():
 # ---------------------------------------------------------------------------
 def fused_calls(gm):
     modules = dict(gm.named_modules())
-    return [n for n in gm.graph.nodes
-            if n.op == "call_module" and type(modules[n.target]) is bnorm_ext.BatchNormAct2d]
+    return [n for n in gm.graph.nodes if n.op == "call_module" and type(modules[n.target]) is bnorm_ext.BatchNormAct2d]
 
 
 def check_fused_model(model, x, expected_calls, activations=None, residual_calls=None):
@@ -637,12 +695,16 @@ def test_instruction_set_builds_and_thread_count(shape, memory_format, isa, monk
     dy = torch.randn(shape).contiguous(memory_format=memory_format)
     ops = torch.ops.bnorm_ext
     for activation in ["silu", "leaky_relu"]:
+
         def run():
-            y, mean, invstd = ops.batch_norm_act_forward_train(x, w, b, None, None, None, 0.1, EPS, r, activation, SLOPE)
+            y, mean, invstd = ops.batch_norm_act_forward_train(
+                x, w, b, None, None, None, 0.1, EPS, r, activation, SLOPE
+            )
             saved_y = y if activation == "leaky_relu" else None
             saved_r = r if activation == "silu" else None
             grads = ops.batch_norm_act_backward(
-                dy, saved_y, x, w, b, None, None, mean, invstd, saved_r, True, EPS, True, activation, SLOPE)
+                dy, saved_y, x, w, b, None, None, mean, invstd, saved_r, True, EPS, True, activation, SLOPE
+            )
             return (y,) + grads
 
         results = run()

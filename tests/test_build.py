@@ -83,7 +83,9 @@ def test_no_spills_or_stack():
     for arch in archs:
         n = sum(1 for a, _ in usage if a == arch)
         assert n > 20, f"expected the bnorm_ext kernels for {arch}, found {n}"
-        assert any("single_read_channel_kernel" in f for a, f in usage if a == arch), f"no single-read kernels for {arch}"
+        assert any("single_read_channel_kernel" in f for a, f in usage if a == arch), (
+            f"no single-read kernels for {arch}"
+        )
     # NB: ptxas spills go to the stack frame (LOCAL stays 0), so STACK is the spill signal.
     bad = {f"{arch} {name}": u for (arch, name), u in usage.items() if u.get("STACK", 0) or u.get("LOCAL", 0)}
     assert not bad, f"kernels with a stack frame or local memory (spills): {bad}"
@@ -107,8 +109,11 @@ def test_vectorised_kernels_use_128_bit_accesses(arch):
     no_ld128 = [name for name, text in vectorised.items() if "LDG.E.128" not in text]
     assert not no_ld128, f"vectorised kernels without 128-bit loads: {no_ld128}"
     # every vectorised kernel that writes a tensor (elementwise, single-read, eval-backward reduction)
-    elementwise = {name: text for name, text in vectorised.items()
-                   if "channel_elementwise_kernel" in name or "single_read" in name or "EvalGradInputVisit" in name}
+    elementwise = {
+        name: text
+        for name, text in vectorised.items()
+        if "channel_elementwise_kernel" in name or "single_read" in name or "EvalGradInputVisit" in name
+    }
     assert any("EvalGradInputVisit" in name for name in elementwise), "no vectorised eval-backward reduction found"
     no_st128 = [name for name, text in elementwise.items() if "STG.E.128" not in text]
     assert not no_st128, f"vectorised kernels that write without 128-bit stores: {no_st128}"

@@ -176,7 +176,8 @@ def _layout_copy_kernels(codes):
     for args in re.findall(r"torch\.ops\.bnorm_ext\.\w+\.(?:default|out)\(([^)]*)\)", code):
         op_args.update(a.split("=")[-1].strip() for a in args.split(","))
     return sorted(
-        kernel for kernel, args in re.findall(r"^\s*(cpp_fused\w*batch_norm\w*)\(([^)]*)\)", code, re.MULTILINE)
+        kernel
+        for kernel, args in re.findall(r"^\s*(cpp_fused\w*batch_norm\w*)\(([^)]*)\)", code, re.MULTILINE)
         if op_args.intersection(a.strip() for a in args.split(","))
     )
 
@@ -235,15 +236,24 @@ def _assert_no_layout_copies_in_profile(prof, n_fused, n_plain):
         if e.name in ("aten::_to_copy", "aten::as_strided_"):
             assert "aten::convolution_backward" in chain, f"{e.name} under {chain}"
         if e.name in ("aten::_to_copy", "aten::copy_", "aten::clone"):
-            assert not any(a.startswith("bnorm_ext::batch_norm_act_forward") or
-                           a.startswith("bnorm_ext::batch_norm_forward") for a in chain), f"{e.name} under {chain}"
+            assert not any(
+                a.startswith("bnorm_ext::batch_norm_act_forward") or a.startswith("bnorm_ext::batch_norm_forward")
+                for a in chain
+            ), f"{e.name} under {chain}"
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.skipif(
-        name == "small_resnet" and torchvision_resnet is None, reason="torchvision not installed"))
-    for name in FUSION_MODELS
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(
+            name,
+            marks=pytest.mark.skipif(
+                name == "small_resnet" and torchvision_resnet is None, reason="torchvision not installed"
+            ),
+        )
+        for name in FUSION_MODELS
+    ],
+)
 def test_inductor_fusion_train_and_eval(inductor_fusion, name):
     make, n_fused, n_plain = FUSION_MODELS[name]
     torch.manual_seed(0)
@@ -264,8 +274,12 @@ def test_inductor_fusion_train_and_eval(inductor_fusion, name):
     with fresh_cache():
         out, codes = run_and_get_code(train_step, compiled, xs[0])
         calls = _op_calls(codes)
-        expected_calls = {"batch_norm_act_forward_train": n_fused, "batch_norm_act_backward": n_fused,
-                          "batch_norm_forward_train": n_plain, "batch_norm_backward": n_plain}
+        expected_calls = {
+            "batch_norm_act_forward_train": n_fused,
+            "batch_norm_act_backward": n_fused,
+            "batch_norm_forward_train": n_plain,
+            "batch_norm_backward": n_plain,
+        }
         assert calls == {k: v for k, v in expected_calls.items() if v}, calls
         assert _layout_copy_kernels(codes) == []
         _assert_close_scaled(out, eager_step(xs[0]), "step 0: output")
@@ -389,8 +403,10 @@ def _with_fusion_pass(graphs):
 
 
 def _fused_calls(gm):
-    fused = (torch.ops.bnorm_ext.batch_norm_act_forward_train.default,
-             torch.ops.bnorm_ext.batch_norm_act_forward_eval.default)
+    fused = (
+        torch.ops.bnorm_ext.batch_norm_act_forward_train.default,
+        torch.ops.bnorm_ext.batch_norm_act_forward_eval.default,
+    )
     return sum(1 for n in gm.graph.nodes if n.target in fused)
 
 
@@ -399,10 +415,15 @@ def _fused_calls(gm):
 TRAIN_ONLY_PATTERNS = {"running_mean_written_before_add"}
 
 
-@pytest.mark.parametrize("name,training", [
-    pytest.param(n, t, id=f"{n}-{'train' if t else 'eval'}")
-    for n in PATTERNS for t in (True, False) if t or n not in TRAIN_ONLY_PATTERNS
-])
+@pytest.mark.parametrize(
+    "name,training",
+    [
+        pytest.param(n, t, id=f"{n}-{'train' if t else 'eval'}")
+        for n in PATTERNS
+        for t in (True, False)
+        if t or n not in TRAIN_ONLY_PATTERNS
+    ],
+)
 def test_fusion_pass_patterns(name, training):
     # Each form of BN -> [add ->] activation in the Dynamo graph, float64:
     # fused or not as expected, and outputs, gradients and running statistics
@@ -417,7 +438,8 @@ def test_fusion_pass_patterns(name, training):
     r = torch.randn(3, 5, 4, 4, dtype=torch.float64, requires_grad=True)
     out = compiled(x, r)
     (len(graphs) == 1 and _fused_calls(graphs[0][1]) == expected) or pytest.fail(
-        f"expected {expected} fused calls in\n{graphs[-1][1].code if graphs else 'no graph'}")
+        f"expected {expected} fused calls in\n{graphs[-1][1].code if graphs else 'no graph'}"
+    )
     x_e, r_e = x.detach().clone().requires_grad_(), r.detach().clone().requires_grad_()
     out_e = eager(x_e, r_e)
     torch.testing.assert_close(out, out_e)
@@ -439,9 +461,10 @@ def test_fusion_pass_leaves_torch_batchnorm_graphs_unchanged(name):
     forward, _ = PATTERNS[name]
     model = _Pattern(forward, nn.BatchNorm2d(5))
     graphs = []
-    torch.compile(model, backend=_with_fusion_pass(graphs), fullgraph=True)(randn_shifted((3, 5, 4, 4)),
-                                                                             torch.randn(3, 5, 4, 4))
-    (before, gm), = graphs
+    torch.compile(model, backend=_with_fusion_pass(graphs), fullgraph=True)(
+        randn_shifted((3, 5, 4, 4)), torch.randn(3, 5, 4, 4)
+    )
+    ((before, gm),) = graphs
     assert gm.code == before
 
 

@@ -21,8 +21,13 @@ EPS = 1e-3
 # weight / bias present
 AFFINE = [(True, True), (True, False), (False, True), (False, False)]
 # activation, negative_slope, residual
-FUSED = [("identity", 0.0, False), ("relu", 0.0, True), ("leaky_relu", 0.2, True), ("silu", 0.0, False),
-         ("silu", 0.0, True)]
+FUSED = [
+    ("identity", 0.0, False),
+    ("relu", 0.0, True),
+    ("leaky_relu", 0.2, True),
+    ("silu", 0.0, False),
+    ("silu", 0.0, True),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -64,8 +69,9 @@ def _ours(x, r, w, b, rm, rv):
         wi, bi = (w if has_w else None), (b if has_b else None)
         outs.append(OPS.batch_norm_forward_eval(x, wi, bi, rm, rv, EPS))
         for activation, slope, with_res in FUSED:
-            outs.append(OPS.batch_norm_act_forward_eval(
-                x, wi, bi, rm, rv, EPS, r if with_res else None, activation, slope))
+            outs.append(
+                OPS.batch_norm_act_forward_eval(x, wi, bi, rm, rv, EPS, r if with_res else None, activation, slope)
+            )
     return outs
 
 

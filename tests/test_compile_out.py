@@ -100,14 +100,30 @@ def test_act_backward_out_writes_the_functional_values(dtype, memory_format, out
     x, dy, r, w, b, mean, invstd, rv = _case(dtype, memory_format)
     for training in (True, False):
         for has_w, has_b in AFFINE:
-            for activation, residual, need in (("relu", None, False), ("silu", r, True), ("leaky_relu", r, True),
-                                               ("identity", r, False)):
-                args = _act_backward_args(x, dy, residual, w if has_w else None, b if has_b else None, mean, invstd,
-                                          rv, training, activation, need)
+            for activation, residual, need in (
+                ("relu", None, False),
+                ("silu", r, True),
+                ("leaky_relu", r, True),
+                ("identity", r, False),
+            ):
+                args = _act_backward_args(
+                    x,
+                    dy,
+                    residual,
+                    w if has_w else None,
+                    b if has_b else None,
+                    mean,
+                    invstd,
+                    rv,
+                    training,
+                    activation,
+                    need,
+                )
                 expected = OPS.batch_norm_act_backward.default(*args)
                 outs = _nan_outs(expected, out_layout)
-                got = OPS.batch_norm_act_backward.out(*args, grad_input=outs[0], grad_weight=outs[1],
-                                                      grad_bias=outs[2], grad_residual=outs[3])
+                got = OPS.batch_norm_act_backward.out(
+                    *args, grad_input=outs[0], grad_weight=outs[1], grad_bias=outs[2], grad_residual=outs[3]
+                )
                 for o, g, e in zip(outs, got, expected):
                     assert g is o
                     torch.testing.assert_close(o, e, rtol=0, atol=0)
@@ -150,10 +166,12 @@ def test_compiled_backward_ops_in_every_none_pattern(memory_format):
                 stats = (None, None, mean, invstd) if training else (mean, rv, None, None)
                 y = torch.relu(x)  # any output-shaped tensor for relu's derivative
                 for residual, need in ((None, False), (r, True), (r, False)):
-                    outs += OPS.batch_norm_act_backward(dy, y, x, wi, bi, *stats, residual, training, EPS, need,
-                                                        "silu", 0.0)
-                    outs += OPS.batch_norm_act_backward(dy, y, x, wi, bi, *stats, residual, training, EPS, need,
-                                                        "relu", 0.0)
+                    outs += OPS.batch_norm_act_backward(
+                        dy, y, x, wi, bi, *stats, residual, training, EPS, need, "silu", 0.0
+                    )
+                    outs += OPS.batch_norm_act_backward(
+                        dy, y, x, wi, bi, *stats, residual, training, EPS, need, "relu", 0.0
+                    )
         return [o * 1 for o in outs]  # consumed by generated code, as in a real backward
 
     args = (dy, x, r, w, b, mean, invstd, rv)

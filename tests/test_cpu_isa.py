@@ -6,7 +6,6 @@ over both layouts and both NCHW paths (per-channel fused and two-pass)."""
 import pytest
 import torch
 
-import bnorm_ext
 
 ops = torch.ops.bnorm_ext
 

@@ -13,8 +13,15 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 from common_utils import STEP_NAMES as NAMES
-from common_utils import (check_parity, dtypes, max_abs_err, memory_formats, misaligned_copy, randn_shifted,
-                      seeded_train_step)
+from common_utils import (
+    check_parity,
+    dtypes,
+    max_abs_err,
+    memory_formats,
+    misaligned_copy,
+    randn_shifted,
+    seeded_train_step,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 
@@ -40,6 +47,7 @@ CUDA_SHAPES = [
     pytest.param((16, 64, 17, 13), id="16x64x17x13"),
     pytest.param((64, 32, 28, 28), id="64x32x28x28"),  # several vectors per thread
 ]
+
 
 @pytest.mark.parametrize("shape", CUDA_SHAPES)
 @pytest.mark.parametrize("memory_format", memory_formats)
@@ -67,25 +75,46 @@ def test_cuda_options_parity(track, affine, momentum, cuda_path):
     def make_x(dt, dev):
         return randn_shifted((4, 3, 5, 6), dt, dev)
 
-    check_parity(nn.BatchNorm2d, bnorm_ext.BatchNorm2d, make_x, torch.float32, DEV,
-                 affine=affine, track_running_stats=track, momentum=momentum)
+    check_parity(
+        nn.BatchNorm2d,
+        bnorm_ext.BatchNorm2d,
+        make_x,
+        torch.float32,
+        DEV,
+        affine=affine,
+        track_running_stats=track,
+        momentum=momentum,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 def test_cuda_bn1d_bn3d_parity(dtype):
     check_parity(nn.BatchNorm1d, bnorm_ext.BatchNorm1d, lambda dt, dev: randn_shifted((16, 5), dt, dev), dtype, DEV)
-    check_parity(nn.BatchNorm1d, bnorm_ext.BatchNorm1d, lambda dt, dev: randn_shifted((4, 5, 33), dt, dev),
-                 dtype, DEV)
-    check_parity(nn.BatchNorm3d, bnorm_ext.BatchNorm3d,
-                 lambda dt, dev: randn_shifted((2, 3, 4, 5, 3), dt, dev, memory_format=torch.channels_last_3d),
-                 dtype, DEV)
+    check_parity(nn.BatchNorm1d, bnorm_ext.BatchNorm1d, lambda dt, dev: randn_shifted((4, 5, 33), dt, dev), dtype, DEV)
+    check_parity(
+        nn.BatchNorm3d,
+        bnorm_ext.BatchNorm3d,
+        lambda dt, dev: randn_shifted((2, 3, 4, 5, 3), dt, dev, memory_format=torch.channels_last_3d),
+        dtype,
+        DEV,
+    )
 
 
 def test_cuda_noncontiguous_parity():
-    check_parity(nn.BatchNorm2d, bnorm_ext.BatchNorm2d,
-                 lambda dt, dev: randn_shifted((3, 6, 5, 4), dt, dev).permute(0, 3, 2, 1), torch.float32, DEV)
-    check_parity(nn.BatchNorm2d, bnorm_ext.BatchNorm2d,
-                 lambda dt, dev: randn_shifted((3, 8, 5, 6), dt, dev)[:, ::2], torch.float32, DEV)
+    check_parity(
+        nn.BatchNorm2d,
+        bnorm_ext.BatchNorm2d,
+        lambda dt, dev: randn_shifted((3, 6, 5, 4), dt, dev).permute(0, 3, 2, 1),
+        torch.float32,
+        DEV,
+    )
+    check_parity(
+        nn.BatchNorm2d,
+        bnorm_ext.BatchNorm2d,
+        lambda dt, dev: randn_shifted((3, 8, 5, 6), dt, dev)[:, ::2],
+        torch.float32,
+        DEV,
+    )
 
 
 MISALIGNED_SHAPES = [
@@ -122,8 +151,17 @@ def test_cuda_misaligned_grad_output(dtype, memory_format, cuda_path):
     save_mean, save_invstd = mean.to(acc), (1 / torch.sqrt(var + 1e-5)).to(acc)
     w = (1 + 0.5 * torch.randn(C, device=DEV)).to(acc)
     want = ops.batch_norm_backward(dy, x, w, None, None, save_mean, save_invstd, True, 1e-5)
-    ref = ops.batch_norm_backward(dy.cpu().double(), x.cpu().double(), w.cpu().double(), None, None,
-                                  save_mean.cpu().double(), save_invstd.cpu().double(), True, 1e-5)
+    ref = ops.batch_norm_backward(
+        dy.cpu().double(),
+        x.cpu().double(),
+        w.cpu().double(),
+        None,
+        None,
+        save_mean.cpu().double(),
+        save_invstd.cpu().double(),
+        True,
+        1e-5,
+    )
     tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
     for dy_in, x_in in ((misaligned_copy(dy), x), (dy, misaligned_copy(x))):
         got = ops.batch_norm_backward(dy_in, x_in, w, None, None, save_mean, save_invstd, True, 1e-5)
@@ -162,8 +200,9 @@ def _run_once(x, dy, C, param_dtype):
 
 
 @pytest.mark.parametrize("memory_format", memory_formats)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
-                         ids=["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["float32", "float16", "bfloat16"]
+)
 def test_cuda_bitwise_determinism(dtype, memory_format, cuda_path):
     shape = (64, 64, 32, 32)
     x = randn_shifted(shape, dtype, DEV, memory_format=memory_format)
@@ -269,7 +308,7 @@ def test_cuda_small_vs_big_agree(dtype, memory_format, monkeypatch):
     torch.testing.assert_close((rv_b - 0.9) * (n_b - 1) / n_b, (rv_s - 0.9) * (n_s - 1) / n_s, rtol=2e-5, atol=2e-6)
     out_tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-3, atol=2e-3)
     for k in (0, 29):
-        torch.testing.assert_close(out_b[32 * k:32 * (k + 1)], out_s, **out_tol)
+        torch.testing.assert_close(out_b[32 * k : 32 * (k + 1)], out_s, **out_tol)
     # and both agree with the float64 reference
     mean_r, var_r = _ref_stats(small)
     torch.testing.assert_close(sm_s.double(), mean_r, rtol=1e-5, atol=1e-5)
@@ -283,7 +322,7 @@ def test_cuda_more_than_2_31_elements_fp16(memory_format):
     """The 64-bit-index kernels (two-pass only): NCHW with 16-byte vectors (L % 8 == 0),
     channels_last with scalars (C = 4 < 8)."""
     N, C, H, W = 33, 4, 4096, 4000  # 2.16e9 elements > 2**31
-    assert N * C * H * W > 2 ** 31
+    assert N * C * H * W > 2**31
     x = torch.empty((N, C, H, W), dtype=torch.float16, device=DEV, memory_format=memory_format)
     # per-channel constant offset + noise, generated in slices to bound memory
     for n in range(N):
@@ -302,13 +341,13 @@ def test_cuda_more_than_2_31_elements_fp16(memory_format):
         del xd
     cnt = N * H * W
     mean_r = s1 / cnt
-    var_r = s2 / cnt - mean_r ** 2
+    var_r = s2 / cnt - mean_r**2
     torch.testing.assert_close(sm.double(), mean_r, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(si.double(), 1 / torch.sqrt(var_r + 1e-5), rtol=1e-4, atol=1e-4)
     assert nbt.item() == 1
     # spot-check outputs at the start and beyond the 2**31 boundary (last sample)
     for n in (0, N - 1):
-        exp = ((x[n].double() - mean_r.view(C, 1, 1)) / torch.sqrt(var_r.view(C, 1, 1) + 1e-5))
+        exp = (x[n].double() - mean_r.view(C, 1, 1)) / torch.sqrt(var_r.view(C, 1, 1) + 1e-5)
         torch.testing.assert_close(out[n].double(), exp, rtol=2e-3, atol=4e-3)
     del out
     # backward over the huge input as well
@@ -317,7 +356,7 @@ def test_cuda_more_than_2_31_elements_fp16(memory_format):
     gb_r = torch.zeros(C, dtype=torch.float64, device=DEV)
     for n in range(N):
         gb_r += dy[n].double().sum(dim=(1, 2))
-    torch.testing.assert_close(gb.double(), gb_r, rtol=1e-4, atol=1e-2 * cnt ** 0.5)
+    torch.testing.assert_close(gb.double(), gb_r, rtol=1e-4, atol=1e-2 * cnt**0.5)
     assert torch.isfinite(gi[N - 1]).all()
 
 
@@ -353,8 +392,10 @@ def test_cuda_path_switch(memory_format, monkeypatch):
     BNORM_EXT_CUDA_SINGLE_READ=0 run the two-pass kernels."""
     props = torch.cuda.get_device_properties(DEV)
     if props.shared_memory_per_multiprocessor < PATH_SWITCH_SMEM_PER_SM or props.multi_processor_count * 4 < 256:
-        pytest.skip(f"{props.name}: {props.shared_memory_per_multiprocessor} B of shared memory per SM, "
-                    f"{props.multi_processor_count} SMs: the small input's single-read sizing does not fit")
+        pytest.skip(
+            f"{props.name}: {props.shared_memory_per_multiprocessor} B of shared memory per SM, "
+            f"{props.multi_processor_count} SMs: the small input's single-read sizing does not fit"
+        )
     monkeypatch.delenv("BNORM_EXT_CUDA_SINGLE_READ", raising=False)
     C = PATH_SWITCH_SMALL[1]
     small = randn_shifted(PATH_SWITCH_SMALL, torch.float32, DEV, memory_format=memory_format)  # 4 MB
@@ -442,8 +483,12 @@ def test_cuda_single_read_matches_two_pass(dtype, memory_format, shape, monkeypa
     monkeypatch.setenv("BNORM_EXT_CUDA_SINGLE_READ", "0")
     two_pass = _run_once(x, dy, C, dtype)
     ref = _run_once_reference(x, dy, C)
-    tol = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-5),
-           torch.float16: dict(rtol=2e-3, atol=4e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=3e-2)}[dtype]
+    tol = {
+        torch.float64: dict(rtol=1e-12, atol=1e-12),
+        torch.float32: dict(rtol=2e-5, atol=2e-5),
+        torch.float16: dict(rtol=2e-3, atol=4e-3),
+        torch.bfloat16: dict(rtol=1.6e-2, atol=3e-2),
+    }[dtype]
     for name, a, b, r in zip(NAMES, single, two_pass, ref):
         assert torch.isfinite(a.double()).all(), f"{name}: non-finite values on the single-read path"
         if name == "num_batches_tracked":
@@ -478,7 +523,7 @@ def test_cuda_graph_capture(memory_format, cuda_path):
     with torch.cuda.graph(graph):
         out = graphed(xs)
         out.backward(dy)
-    for step in range(3):
+    for _ in range(3):
         graph.replay()
         xe = x.clone().requires_grad_()
         out_e = eager(xe)
@@ -541,8 +586,13 @@ def test_cuda_graph_capture_without_warmup(memory_format):
     launched them, a capture records the single-read kernels."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     env.pop("BNORM_EXT_CUDA_SINGLE_READ", None)
-    proc = subprocess.run([sys.executable, "-c", CAPTURE_WITHOUT_WARMUP, memory_format], capture_output=True,
-                          text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CAPTURE_WITHOUT_WARMUP, memory_format],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, f"capture without warm-up failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report == {"first_launch_in_capture": 0, "after_an_eager_call": 2}, report
@@ -571,8 +621,16 @@ def test_cuda_torch_compile_training(mode, memory_format, no_tf32):
 
     counters.clear()
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, bias=False), bnorm_ext.BatchNorm2d(16), nn.ReLU(),
-                          bnorm_ext.BatchNorm2d(16, momentum=None)).to(DEV).to(memory_format=memory_format)
+    model = (
+        nn.Sequential(
+            nn.Conv2d(3, 16, 3, bias=False),
+            bnorm_ext.BatchNorm2d(16),
+            nn.ReLU(),
+            bnorm_ext.BatchNorm2d(16, momentum=None),
+        )
+        .to(DEV)
+        .to(memory_format=memory_format)
+    )
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, mode=mode, fullgraph=True)
     tol = dict(rtol=1e-4, atol=1e-5)
@@ -622,8 +680,9 @@ def test_cuda_large_mean_no_worse_than_torch(memory_format, shape, cuda_path):
     b = torch.randn(C, dtype=torch.float64).float().to(DEV)
     rm0, rv0 = torch.zeros(C, device=DEV), torch.ones(C, device=DEV)
     xd = x.double().cpu()
-    out_r, mean_r, invstd_r = torch.native_batch_norm(xd, w.double().cpu(), b.double().cpu(), rm0.double().cpu(),
-                                                      rv0.double().cpu(), True, 0.1, eps)
+    out_r, mean_r, invstd_r = torch.native_batch_norm(
+        xd, w.double().cpu(), b.double().cpu(), rm0.double().cpu(), rv0.double().cpu(), True, 0.1, eps
+    )
     rm_t, rv_t = rm0.clone(), rv0.clone()
     out_t, mean_t, invstd_t = torch.native_batch_norm(x, w, b, rm_t, rv_t, True, 0.1, eps)
     rm_o, rv_o = rm0.clone(), rv0.clone()
@@ -631,9 +690,12 @@ def test_cuda_large_mean_no_worse_than_torch(memory_format, shape, cuda_path):
     n = x.numel() // C
     var_r = xd.transpose(0, 1).reshape(C, -1).var(1, unbiased=True)
     rv_r = 0.9 + 0.1 * var_r
-    for name, o, t, r, tiny in [("output", out_o, out_t, out_r, 1e-6), ("save_mean", mean_o, mean_t, mean_r, 1e-3),
-                                ("save_invstd", invstd_o, invstd_t, invstd_r, 1e-6),
-                                ("running_var", rv_o, rv_t, rv_r, 1e-7)]:
+    for name, o, t, r, tiny in [
+        ("output", out_o, out_t, out_r, 1e-6),
+        ("save_mean", mean_o, mean_t, mean_r, 1e-3),
+        ("save_invstd", invstd_o, invstd_t, invstd_r, 1e-6),
+        ("running_var", rv_o, rv_t, rv_r, 1e-7),
+    ]:
         assert torch.isfinite(o).all(), f"{name} not finite"
         e_o, e_t = max_abs_err(o, r), max_abs_err(t, r)
         assert e_o <= 2 * e_t + tiny, f"{name}: ours {e_o:.3e} vs torch {e_t:.3e} (n={n})"
@@ -650,5 +712,5 @@ def test_cuda_near_float32_max(memory_format, shape, cuda_path):
     out, mean, invstd = ops.batch_norm_forward_train(x, None, b, None, None, None, 0.1, 1e-5)
     assert torch.isfinite(mean).all() and torch.isfinite(invstd).all() and torch.isfinite(out).all()
     torch.testing.assert_close(mean, torch.full_like(mean, 3e38), rtol=1e-6, atol=0)
-    torch.testing.assert_close(invstd, torch.full_like(invstd, 1e-5 ** -0.5), rtol=1e-6, atol=0)
+    torch.testing.assert_close(invstd, torch.full_like(invstd, 1e-5**-0.5), rtol=1e-6, atol=0)
     torch.testing.assert_close(out, b.view(1, C, 1, 1).expand(shape), rtol=0, atol=1e-6)

@@ -35,7 +35,8 @@ def _assert_sentinels_kept(*stats):
         base = s._base
         assert base is not None and not s.is_contiguous()
         assert torch.equal(base[1::2].cpu(), torch.full((base.numel() // 2,), -7.0, dtype=base.dtype)), (
-            "an element between the strided running statistics was written")
+            "an element between the strided running statistics was written"
+        )
 
 
 STAT_DTYPES = [
@@ -59,8 +60,15 @@ def test_strided_running_stats_training_update_like_torch(device, dtype, stat_dt
     nbt = torch.tensor(2, dtype=torch.long, device=device)
     out, save_mean, save_invstd = ops.batch_norm_forward_train(x, w, b, rm, rv, nbt, momentum, 1e-5)
     out_t = F.batch_norm(x, rm_t, rv_t, w, b, training=True, momentum=0.1 if momentum is None else momentum)
-    F.batch_norm(x.double().cpu(), rm_r, rv_r, w.double().cpu(), b.double().cpu(), training=True,
-                 momentum=1 / 3 if momentum is None else momentum)  # momentum None: cumulative, 3rd batch
+    F.batch_norm(
+        x.double().cpu(),
+        rm_r,
+        rv_r,
+        w.double().cpu(),
+        b.double().cpu(),
+        training=True,
+        momentum=1 / 3 if momentum is None else momentum,
+    )  # momentum None: cumulative, 3rd batch
     assert nbt.item() == 3
     _assert_sentinels_kept(rm, rv)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype != torch.float16 else dict(rtol=2e-3, atol=2e-3)
@@ -209,7 +217,7 @@ def test_record_is_thread_safe(clean_record):
             assert not launched
             shared_attempts[t] += attempted
             _launch(1000 + t * per_thread + i, refuse=True)
-            assert _launch(10 ** 6 + i, grid=i + 1) == (True, True)
+            assert _launch(10**6 + i, grid=i + 1) == (True, True)
 
     pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
     for th in pool:

@@ -60,12 +60,14 @@ def _run(fn, shape, memory_format, threads):
 def _plain(training):
     def fn(x, residual, weight, bias, rm, rv):
         return bnorm_ext.batch_norm(x, rm, rv, weight, bias, training, 0.1, 1e-5)
+
     return fn
 
 
 def _fused(training, activation):
     def fn(x, residual, weight, bias, rm, rv):
         return bnorm_ext.batch_norm_act(x, rm, rv, weight, bias, training, 0.1, 1e-5, activation, 0.2, residual)
+
     return fn
 
 
@@ -80,7 +82,11 @@ OPS = {
 
 
 @pytest.mark.parametrize("op", list(OPS))
-@pytest.mark.parametrize("shape,memory_format", SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v).split(".")[-1])
+@pytest.mark.parametrize(
+    "shape,memory_format",
+    SHAPES,
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v).split(".")[-1],
+)
 def test_bitwise_equal_across_thread_counts(restore_threads, op, shape, memory_format):
     reference = _run(OPS[op], shape, memory_format, THREADS[0])
     assert all(torch.isfinite(t).all() for t in reference)

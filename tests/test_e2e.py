@@ -24,10 +24,13 @@ def make_cnn(bn_cls):
     )
 
 
-@pytest.mark.parametrize("memory_format", [
-    pytest.param(torch.contiguous_format, id="contiguous"),
-    pytest.param(torch.channels_last, id="channels_last"),
-])
+@pytest.mark.parametrize(
+    "memory_format",
+    [
+        pytest.param(torch.contiguous_format, id="contiguous"),
+        pytest.param(torch.channels_last, id="channels_last"),
+    ],
+)
 @pytest.mark.parametrize("device", devices)
 def test_train_small_cnn_matches_torch(device, memory_format):
     torch.manual_seed(0)
@@ -43,7 +46,7 @@ def test_train_small_cnn_matches_torch(device, memory_format):
     steps, batch = 20, 16
     gen = torch.Generator().manual_seed(123)
     losses_t, losses_o = [], []
-    for step in range(steps):
+    for _ in range(steps):
         x = (torch.randn(batch, 1, 28, 28, generator=gen) * 2 + 3).to(device)
         x = x.contiguous(memory_format=memory_format)
         y = torch.randint(0, 10, (batch,), generator=gen).to(device)
@@ -88,7 +91,7 @@ def test_convert_then_train_matches_torch():
         lt = F.cross_entropy(model_t(x), y)
         lo = F.cross_entropy(model_o(x), y)
         torch.testing.assert_close(lo, lt, rtol=1e-4, atol=1e-5)
-        for model, opt, loss in ((model_t, opt_t, lt), (model_o, opt_o, lo)):
+        for _model, opt, loss in ((model_t, opt_t, lt), (model_o, opt_o, lo)):
             opt.zero_grad()
             loss.backward()
             opt.step()

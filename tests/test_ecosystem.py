@@ -213,19 +213,37 @@ def test_batch_norm_function_under_transforms():
     w, b = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
 
     def ours(x, training):
-        return bnorm_ext.BatchNormFunction.apply(x, w, b, None if training else torch.zeros(3, dtype=x.dtype),
-                                                 None if training else torch.ones(3, dtype=x.dtype), None,
-                                                 training, 0.1, 1e-5)
+        return bnorm_ext.BatchNormFunction.apply(
+            x,
+            w,
+            b,
+            None if training else torch.zeros(3, dtype=x.dtype),
+            None if training else torch.ones(3, dtype=x.dtype),
+            None,
+            training,
+            0.1,
+            1e-5,
+        )
 
     def theirs(x, training):
-        return F.batch_norm(x, None if training else torch.zeros(3, dtype=x.dtype),
-                            None if training else torch.ones(3, dtype=x.dtype), w, b, training, 0.1, 1e-5)
+        return F.batch_norm(
+            x,
+            None if training else torch.zeros(3, dtype=x.dtype),
+            None if training else torch.ones(3, dtype=x.dtype),
+            w,
+            b,
+            training,
+            0.1,
+            1e-5,
+        )
 
     for training in (True, False):
-        torch.testing.assert_close(jvp(lambda x: ours(x, training), (x,), (v,))[1],
-                                   jvp(lambda x: theirs(x, training), (x,), (v,))[1])
-        torch.testing.assert_close(grad(lambda x: (ours(x, training) ** 3).sum())(x),
-                                   grad(lambda x: (theirs(x, training) ** 3).sum())(x))
+        torch.testing.assert_close(
+            jvp(lambda x: ours(x, training), (x,), (v,))[1], jvp(lambda x: theirs(x, training), (x,), (v,))[1]
+        )
+        torch.testing.assert_close(
+            grad(lambda x: (ours(x, training) ** 3).sum())(x), grad(lambda x: (theirs(x, training) ** 3).sum())(x)
+        )
         xs = torch.stack([x, x * 2 + 1])
         torch.testing.assert_close(vmap(lambda x: ours(x, training))(xs), vmap(lambda x: theirs(x, training))(xs))
         xr = x.clone().requires_grad_()
@@ -281,8 +299,12 @@ _LOAD_AND_RUN = textwrap.dedent("""
 def _run_in_fresh_process(script_path, x, tmp_path):
     torch.save(x, tmp_path / "x.pt")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), *sys.path])))
-    subprocess.run([sys.executable, "-c", _LOAD_AND_RUN, str(script_path), str(tmp_path / "x.pt"),
-                    str(tmp_path / "y.pt")], check=True, env=env, timeout=120)
+    subprocess.run(
+        [sys.executable, "-c", _LOAD_AND_RUN, str(script_path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        check=True,
+        env=env,
+        timeout=120,
+    )
     return torch.load(tmp_path / "y.pt")
 
 
@@ -435,8 +457,11 @@ def test_fx_symbolic_trace_sync_batchnorm_is_a_leaf():
 
 ACTIVATIONS = ["identity", "relu", "leaky_relu", "silu"]
 SLOPE = 0.2
-RESIDUALS = [pytest.param("none", id="no_residual"), pytest.param("batched", id="residual_batched"),
-             pytest.param("unbatched", id="residual_unbatched")]
+RESIDUALS = [
+    pytest.param("none", id="no_residual"),
+    pytest.param("batched", id="residual_batched"),
+    pytest.param("unbatched", id="residual_unbatched"),
+]
 
 
 @pytest.fixture
@@ -465,14 +490,17 @@ def per_sample(t, in_dim, i):
 def batch_norm_act_fn(training, activation):
     # the fused functional with the positional layout vmap's in_dims follow
     def f(x, residual, weight, bias, running_mean, running_var):
-        return bnorm_ext.batch_norm_act(x, running_mean, running_var, weight, bias, training, 0.1, 1e-5,
-                                        activation, SLOPE, residual)
+        return bnorm_ext.batch_norm_act(
+            x, running_mean, running_var, weight, bias, training, 0.1, 1e-5, activation, SLOPE, residual
+        )
+
     return f
 
 
 @pytest.mark.usefixtures("without_vmap_fallback")
-@pytest.mark.parametrize("batched_params", [pytest.param(False, id="shared_params"),
-                                            pytest.param(True, id="batched_params-input_dim1")])
+@pytest.mark.parametrize(
+    "batched_params", [pytest.param(False, id="shared_params"), pytest.param(True, id="batched_params-input_dim1")]
+)
 @pytest.mark.parametrize("residual", RESIDUALS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_vmap_batch_norm_act_eval_matches_per_sample_loop(activation, residual, batched_params):
@@ -494,8 +522,9 @@ def test_vmap_batch_norm_act_eval_matches_per_sample_loop(activation, residual, 
 
 
 @pytest.mark.usefixtures("without_vmap_fallback")
-@pytest.mark.parametrize("running_stats", [pytest.param(False, id="no_running_stats"),
-                                           pytest.param(True, id="batched_running_stats")])
+@pytest.mark.parametrize(
+    "running_stats", [pytest.param(False, id="no_running_stats"), pytest.param(True, id="batched_running_stats")]
+)
 @pytest.mark.parametrize("residual", RESIDUALS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_vmap_batch_norm_act_training_matches_per_sample_loop(activation, residual, running_stats):
@@ -511,8 +540,12 @@ def test_vmap_batch_norm_act_training_matches_per_sample_loop(activation, residu
     f = batch_norm_act_fn(True, activation)
     stat_dims = (1, 0) if running_stats else (None, None)
     out = vmap(f, (0, r_dim, None, None) + stat_dims)(xs, r, w, b, rm_t, rv)
-    loop = torch.stack([f(xs[i], per_sample(r, r_dim, i), w, b, *((rm_loop[i], rv_loop[i]) if running_stats
-                                                                    else (None, None))) for i in range(B)])
+    loop = torch.stack(
+        [
+            f(xs[i], per_sample(r, r_dim, i), w, b, *((rm_loop[i], rv_loop[i]) if running_stats else (None, None)))
+            for i in range(B)
+        ]
+    )
     torch.testing.assert_close(out, loop)
     if running_stats:
         torch.testing.assert_close(rm_t.T, rm_loop)
@@ -521,8 +554,9 @@ def test_vmap_batch_norm_act_training_matches_per_sample_loop(activation, residu
 
 
 @pytest.mark.usefixtures("without_vmap_fallback")
-@pytest.mark.parametrize("need_grad_residual", [pytest.param(False, id="no_grad_residual"),
-                                                pytest.param(True, id="grad_residual")])
+@pytest.mark.parametrize(
+    "need_grad_residual", [pytest.param(False, id="no_grad_residual"), pytest.param(True, id="grad_residual")]
+)
 @pytest.mark.parametrize("residual", RESIDUALS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("training", modes)
@@ -538,24 +572,46 @@ def test_vmap_batch_norm_act_backward_op_matches_per_sample_loop(training, activ
     for i in range(B):
         r_i = per_sample(r, r_dim, i)
         if training:
-            forwards.append(ops.batch_norm_act_forward_train(xs[i], ws[i], bs[i], None, None, None, 0.1, 1e-5, r_i,
-                                                             activation, SLOPE))
+            forwards.append(
+                ops.batch_norm_act_forward_train(
+                    xs[i], ws[i], bs[i], None, None, None, 0.1, 1e-5, r_i, activation, SLOPE
+                )
+            )
         else:
-            forwards.append((ops.batch_norm_act_forward_eval(xs[i], ws[i], bs[i], rms[i], rvs[i], 1e-5, r_i,
-                                                             activation, SLOPE), torch.zeros(5), torch.zeros(5)))
+            forwards.append(
+                (
+                    ops.batch_norm_act_forward_eval(xs[i], ws[i], bs[i], rms[i], rvs[i], 1e-5, r_i, activation, SLOPE),
+                    torch.zeros(5),
+                    torch.zeros(5),
+                )
+            )
     ys, save_means, save_invstds = (torch.stack(t) for t in zip(*forwards))
     grad_outs = torch.randn((B,) + shape, dtype=torch.float64)
 
     def backward(dy, y, x, w, b, rm, rv, sm, si, res):
-        return ops.batch_norm_act_backward(dy, y, x, w, b, rm, rv, sm if training else None,
-                                           si if training else None, res, training, 1e-5, need_grad_residual,
-                                           activation, SLOPE)
+        return ops.batch_norm_act_backward(
+            dy,
+            y,
+            x,
+            w,
+            b,
+            rm,
+            rv,
+            sm if training else None,
+            si if training else None,
+            res,
+            training,
+            1e-5,
+            need_grad_residual,
+            activation,
+            SLOPE,
+        )
 
     args = (grad_outs, ys, xs, ws, bs, rms, rvs, save_means, save_invstds, r)
     in_dims = (0,) * 9 + (r_dim,)
     got = vmap(backward, in_dims)(*args)
     loop = [backward(*(per_sample(t, d, i) for t, d in zip(args, in_dims))) for i in range(B)]
-    names = ["grad_input", "grad_weight", "grad_bias", "grad_residual"][:4 if need_grad_residual else 3]
+    names = ["grad_input", "grad_weight", "grad_bias", "grad_residual"][: 4 if need_grad_residual else 3]
     for k, name in enumerate(names):
         torch.testing.assert_close(got[k], torch.stack([out[k] for out in loop]), msg=name)
     if not need_grad_residual:
@@ -609,8 +665,9 @@ def test_vmap_batch_norm_act_module_matches_unfused_and_loop(training, activatio
     args = (xs,) if r is None else (xs, r)
     out = vmap(ours, in_dims)(*args)
     torch.testing.assert_close(out, vmap(unfused, in_dims)(*args))
-    torch.testing.assert_close(out, torch.stack([ours(*(per_sample(t, d, i) for t, d in zip(args, in_dims)))
-                                                 for i in range(B)]))
+    torch.testing.assert_close(
+        out, torch.stack([ours(*(per_sample(t, d, i) for t, d in zip(args, in_dims))) for i in range(B)])
+    )
 
 
 @pytest.mark.usefixtures("without_vmap_fallback")

@@ -27,7 +27,9 @@ requires_onnxruntime = pytest.mark.skipif(not HAS_ONNXRUNTIME, reason="onnx and 
 requires_onnx = pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="onnx not installed")
 
 EXPORTERS = [
-    pytest.param("dynamo", id="dynamo", marks=pytest.mark.skipif(not HAS_ONNXSCRIPT, reason="onnxscript not installed")),
+    pytest.param(
+        "dynamo", id="dynamo", marks=pytest.mark.skipif(not HAS_ONNXSCRIPT, reason="onnxscript not installed")
+    ),
     pytest.param("torchscript", id="torchscript"),
 ]
 
@@ -101,8 +103,11 @@ def op_counts(proto):
 def batchnorm_attributes(proto):
     import onnx
 
-    return [sorted((a.name, onnx.helper.get_attribute_value(a)) for a in node.attribute)
-            for node in proto.graph.node if node.op_type == "BatchNormalization"]
+    return [
+        sorted((a.name, onnx.helper.get_attribute_value(a)) for a in node.attribute)
+        for node in proto.graph.node
+        if node.op_type == "BatchNormalization"
+    ]
 
 
 def assert_standard_onnx(proto):
@@ -155,8 +160,9 @@ class EvalOpCall(nn.Module):
 
     def forward(self, x):
         bn = self.bn
-        return torch.ops.bnorm_ext.batch_norm_forward_eval(x, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                                           bn.eps)
+        return torch.ops.bnorm_ext.batch_norm_forward_eval(
+            x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
+        )
 
 
 @requires_onnxruntime
@@ -176,8 +182,9 @@ def test_torchscript_onnx_export_at_each_opset(opset_version):
     x = randn_shifted((2, 3, 7, 7))
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4, affine=False))
     torch_model = with_nondefault_stats_(model, (x,))
-    counts = assert_onnx_matches(torch_model, converted_copy(torch_model), (x,), "torchscript", rtol=1e-5, atol=1e-5,
-                                 opset_version=opset_version)
+    counts = assert_onnx_matches(
+        torch_model, converted_copy(torch_model), (x,), "torchscript", rtol=1e-5, atol=1e-5, opset_version=opset_version
+    )
     assert counts[("", "BatchNormalization")] == 2, counts
 
 
@@ -232,31 +239,38 @@ def test_compile_of_eval_model_with_ci_environment_variable(monkeypatch):
     # Inductor, with CI set (GitHub Actions sets it), refuses to fall back to an op that has an
     # entry in torch._decomp.decomposition_table: the ONNX registration must not put ours there.
     monkeypatch.setenv("CI", "true")
-    for op in (torch.ops.bnorm_ext.batch_norm_forward_eval.default,
-               torch.ops.bnorm_ext.batch_norm_act_forward_eval.default):
+    for op in (
+        torch.ops.bnorm_ext.batch_norm_forward_eval.default,
+        torch.ops.bnorm_ext.batch_norm_act_forward_eval.default,
+    ):
         assert op not in torch._decomp.decomposition_table
     torch._dynamo.reset()
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), bnorm_ext.BatchNorm2d(4), nn.Conv2d(4, 4, 1),
-                          bnorm_ext.BatchNormAct2d(4, activation="silu")).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), bnorm_ext.BatchNorm2d(4), nn.Conv2d(4, 4, 1), bnorm_ext.BatchNormAct2d(4, activation="silu")
+    ).eval()
     x = randn_shifted((2, 3, 8, 8))
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
 
 
-@pytest.mark.parametrize("shape, dtype, memory_format", [
-    pytest.param((6, 5), torch.float32, torch.contiguous_format, id="NC-float32"),
-    pytest.param((3, 5, 7), torch.float64, torch.contiguous_format, id="NCL-float64"),
-    pytest.param((3, 5, 4, 6), torch.float32, torch.channels_last, id="NCHW-float32-channels_last"),
-    pytest.param((3, 5, 4, 6), torch.bfloat16, torch.contiguous_format, id="NCHW-bfloat16-float32_params"),
-    pytest.param((2, 5, 3, 4, 6), torch.float16, torch.channels_last_3d, id="NCDHW-float16-float32_params-cl3d"),
-])
+@pytest.mark.parametrize(
+    "shape, dtype, memory_format",
+    [
+        pytest.param((6, 5), torch.float32, torch.contiguous_format, id="NC-float32"),
+        pytest.param((3, 5, 7), torch.float64, torch.contiguous_format, id="NCL-float64"),
+        pytest.param((3, 5, 4, 6), torch.float32, torch.channels_last, id="NCHW-float32-channels_last"),
+        pytest.param((3, 5, 4, 6), torch.bfloat16, torch.contiguous_format, id="NCHW-bfloat16-float32_params"),
+        pytest.param((2, 5, 3, 4, 6), torch.float16, torch.channels_last_3d, id="NCDHW-float16-float32_params-cl3d"),
+    ],
+)
 def test_onnx_decomposition_equals_eval_op(shape, dtype, memory_format):
     # what the dynamo exporter (and FakeTensor under symbolic shapes) sees instead of our op
     from bnorm_ext._onnx import batch_norm_eval_as_aten
 
     x = randn_shifted(shape, dtype=dtype, memory_format=memory_format)
-    _, bn, _ = make_bn_pair(nn.BatchNorm1d, bnorm_ext.BatchNorm1d, 5,
-                            param_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    _, bn, _ = make_bn_pair(
+        nn.BatchNorm1d, bnorm_ext.BatchNorm1d, 5, param_dtype=torch.float64 if dtype == torch.float64 else torch.float32
+    )
     for weight, bias in ((bn.weight, bn.bias), (None, None)):
         args = (x, weight, bias, bn.running_mean, bn.running_var, 1e-3)
         expected = torch.ops.bnorm_ext.batch_norm_forward_eval(*args)
@@ -276,8 +290,12 @@ class ComposedBatchNormAct(nn.Module):
     def __init__(self, num_features, activation, negative_slope=0.2):
         super().__init__()
         self.bn = nn.BatchNorm2d(num_features, eps=1e-4)
-        self.act = {"identity": nn.Identity(), "relu": nn.ReLU(), "leaky_relu": nn.LeakyReLU(negative_slope),
-                    "silu": nn.SiLU()}[activation]
+        self.act = {
+            "identity": nn.Identity(),
+            "relu": nn.ReLU(),
+            "leaky_relu": nn.LeakyReLU(negative_slope),
+            "silu": nn.SiLU(),
+        }[activation]
 
     def forward(self, x, residual=None):
         y = self.bn(x)
@@ -288,8 +306,9 @@ class FusedBatchNormAct(nn.Module):
     # BatchNormAct2d with the composed model's state (same state_dict keys under `bn`)
     def __init__(self, composed, activation, negative_slope=0.2):
         super().__init__()
-        self.bn = bnorm_ext.BatchNormAct2d(composed.bn.num_features, eps=composed.bn.eps, activation=activation,
-                                           negative_slope=negative_slope)
+        self.bn = bnorm_ext.BatchNormAct2d(
+            composed.bn.num_features, eps=composed.bn.eps, activation=activation, negative_slope=negative_slope
+        )
         self.load_state_dict(composed.state_dict())
         self.eval()
 
@@ -309,8 +328,10 @@ def batch_norm_act_pair(activation, has_residual):
 def node_signatures(proto):
     import onnx
 
-    return [(node.op_type, sorted((a.name, onnx.helper.get_attribute_value(a)) for a in node.attribute))
-            for node in proto.graph.node]
+    return [
+        (node.op_type, sorted((a.name, onnx.helper.get_attribute_value(a)) for a in node.attribute))
+        for node in proto.graph.node
+    ]
 
 
 @requires_onnxruntime
@@ -322,7 +343,8 @@ def test_onnx_export_of_batch_norm_act_is_torchs_composition(exporter, activatio
     torch_model, ours, inputs = batch_norm_act_pair(activation, has_residual)
     counts = assert_onnx_matches(torch_model, ours, inputs, exporter, rtol=1e-5, atol=1e-5)
     assert node_signatures(export_onnx(ours, inputs, exporter)) == node_signatures(
-        export_onnx(torch_model, inputs, exporter))
+        export_onnx(torch_model, inputs, exporter)
+    )
     expected = {"identity": [], "relu": ["Relu"], "leaky_relu": ["LeakyRelu"], "silu": ["Sigmoid", "Mul"]}[activation]
     expected = ["BatchNormalization"] + ["Add"] * has_residual + expected
     assert {op: n for (_, op), n in counts.items() if op != "Identity"} == collections.Counter(expected), counts
@@ -335,7 +357,8 @@ def test_torchscript_onnx_export_of_batch_norm_act_at_each_opset(opset_version, 
     torch_model, ours, inputs = batch_norm_act_pair(activation, True)
     assert_onnx_matches(torch_model, ours, inputs, "torchscript", rtol=1e-5, atol=1e-5, opset_version=opset_version)
     assert node_signatures(export_onnx(ours, inputs, "torchscript", opset_version=opset_version)) == node_signatures(
-        export_onnx(torch_model, inputs, "torchscript", opset_version=opset_version))
+        export_onnx(torch_model, inputs, "torchscript", opset_version=opset_version)
+    )
 
 
 @requires_onnxruntime
@@ -344,8 +367,12 @@ def test_onnx_export_of_fused_resnet18(exporter, resnet18_and_input):
     torch_model, x = resnet18_and_input
     fused = bnorm_ext.fuse_activations(torch_model).eval()
     modules = dict(fused.named_modules())
-    assert sum(n.op == "call_module" and isinstance(modules[n.target], bnorm_ext.BatchNormAct2d)
-               for n in fused.graph.nodes) == 17
+    assert (
+        sum(
+            n.op == "call_module" and isinstance(modules[n.target], bnorm_ext.BatchNormAct2d) for n in fused.graph.nodes
+        )
+        == 17
+    )
     options = {"optimize": False} if exporter == "dynamo" else {"do_constant_folding": False}
     counts = assert_onnx_matches(torch_model, fused, (x,), exporter, rtol=1e-5, atol=1e-4, **options)
     assert counts[("", "BatchNormalization")] == 20, counts
@@ -360,8 +387,10 @@ def test_onnx_export_in_training_mode_fails_as_for_the_plain_op(exporter):
     x, r = randn_shifted((2, 4, 5, 5)), torch.randn(2, 4, 5, 5)
     options = {} if exporter == "dynamo" else {"training": torch.onnx.TrainingMode.TRAINING}
     errors = []
-    for model, inputs in ((bnorm_ext.BatchNorm2d(4), (x,)),
-                          (FusedBatchNormAct(ComposedBatchNormAct(4, "relu"), "relu"), (x, r))):
+    for model, inputs in (
+        (bnorm_ext.BatchNorm2d(4), (x,)),
+        (FusedBatchNormAct(ComposedBatchNormAct(4, "relu"), "relu"), (x, r)),
+    ):
         with pytest.raises(Exception) as error:
             export_onnx(model.train(), inputs, exporter, **options)
         errors.append(error)
@@ -399,24 +428,44 @@ def test_onnx_registration_of_batch_norm_act_leaves_torch_export_and_compile_gra
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("shape, dtype, memory_format, residual_format", [
-    pytest.param((3, 5, 4, 6), torch.float64, torch.contiguous_format, None, id="NCHW-float64-no_residual"),
-    pytest.param((3, 5, 4, 6), torch.float32, torch.contiguous_format, torch.contiguous_format, id="NCHW-float32"),
-    pytest.param((3, 5, 4, 6), torch.float32, torch.channels_last, torch.contiguous_format,
-                 id="NCHW-float32-channels_last-residual_contiguous"),
-    pytest.param((3, 5, 4, 6), torch.float64, torch.contiguous_format, torch.channels_last,
-                 id="NCHW-float64-residual_channels_last"),
-    pytest.param((3, 5, 4, 6), torch.bfloat16, torch.channels_last, torch.channels_last,
-                 id="NCHW-bfloat16-float32_params-channels_last"),
-])
+@pytest.mark.parametrize(
+    "shape, dtype, memory_format, residual_format",
+    [
+        pytest.param((3, 5, 4, 6), torch.float64, torch.contiguous_format, None, id="NCHW-float64-no_residual"),
+        pytest.param((3, 5, 4, 6), torch.float32, torch.contiguous_format, torch.contiguous_format, id="NCHW-float32"),
+        pytest.param(
+            (3, 5, 4, 6),
+            torch.float32,
+            torch.channels_last,
+            torch.contiguous_format,
+            id="NCHW-float32-channels_last-residual_contiguous",
+        ),
+        pytest.param(
+            (3, 5, 4, 6),
+            torch.float64,
+            torch.contiguous_format,
+            torch.channels_last,
+            id="NCHW-float64-residual_channels_last",
+        ),
+        pytest.param(
+            (3, 5, 4, 6),
+            torch.bfloat16,
+            torch.channels_last,
+            torch.channels_last,
+            id="NCHW-bfloat16-float32_params-channels_last",
+        ),
+    ],
+)
 def test_onnx_decomposition_equals_batch_norm_act_eval_op(shape, dtype, memory_format, residual_format, activation):
     from bnorm_ext._onnx import batch_norm_act_eval_as_aten
 
     x = randn_shifted(shape, dtype=dtype, memory_format=memory_format)
-    residual = None if residual_format is None else torch.randn(shape).to(dtype).contiguous(
-        memory_format=residual_format)
-    _, bn, _ = make_bn_pair(nn.BatchNorm2d, bnorm_ext.BatchNorm2d, 5,
-                            param_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    residual = (
+        None if residual_format is None else torch.randn(shape).to(dtype).contiguous(memory_format=residual_format)
+    )
+    _, bn, _ = make_bn_pair(
+        nn.BatchNorm2d, bnorm_ext.BatchNorm2d, 5, param_dtype=torch.float64 if dtype == torch.float64 else torch.float32
+    )
     for weight, bias in ((bn.weight, bn.bias), (None, None)):
         args = (x, weight, bias, bn.running_mean, bn.running_var, 1e-3, residual, activation, 0.2)
         expected = torch.ops.bnorm_ext.batch_norm_act_forward_eval(*args)
@@ -489,9 +538,23 @@ def test_fuse_modules_qat_matches_torch(layer_types):
     fused_ours = fuse_modules_qat(ours, [names])
     # torch.ao.nn.intrinsic modules hold torch's BatchNorm class, for ours as for torch's
     assert module_types(fused_ours) == module_types(fused_torch)
-    assert any(isinstance(m, (nni.ConvBn1d, nni.ConvBn2d, nni.ConvBn3d, nni.ConvBnReLU1d, nni.ConvBnReLU2d,
-                              nni.ConvBnReLU3d, nni.LinearBn1d, nni.BNReLU2d, nni.BNReLU3d))
-               for m in fused_ours.modules())
+    assert any(
+        isinstance(
+            m,
+            (
+                nni.ConvBn1d,
+                nni.ConvBn2d,
+                nni.ConvBn3d,
+                nni.ConvBnReLU1d,
+                nni.ConvBnReLU2d,
+                nni.ConvBnReLU3d,
+                nni.LinearBn1d,
+                nni.BNReLU2d,
+                nni.BNReLU3d,
+            ),
+        )
+        for m in fused_ours.modules()
+    )
     torch.testing.assert_close(fused_ours(x), fused_torch(x), rtol=1e-6, atol=1e-6)
     for (name, ours_buffer), (_, torch_buffer) in zip(fused_ours.named_buffers(), fused_torch.named_buffers()):
         torch.testing.assert_close(ours_buffer, torch_buffer, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
@@ -511,8 +574,14 @@ class ConvOutputUsedTwice(nn.Module):
 
 def fx_fuse_models():
     return {
-        "Conv1d-BatchNorm1d-ReLU": (lambda: nn.Sequential(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4), nn.ReLU()), (2, 3, 10)),
-        "Conv2d-BatchNorm2d-ReLU": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), (2, 3, 8, 8)),
+        "Conv1d-BatchNorm1d-ReLU": (
+            lambda: nn.Sequential(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4), nn.ReLU()),
+            (2, 3, 10),
+        ),
+        "Conv2d-BatchNorm2d-ReLU": (
+            lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()),
+            (2, 3, 8, 8),
+        ),
         "Conv3d-BatchNorm3d": (lambda: nn.Sequential(nn.Conv3d(3, 4, 3), nn.BatchNorm3d(4)), (2, 3, 4, 5, 6)),
         "Linear-BatchNorm1d": (lambda: nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4)), (5, 6)),
         "conv_output_used_twice": (ConvOutputUsedTwice, (2, 3, 6, 6)),
@@ -540,7 +609,8 @@ def test_fx_fuse_conv_bn_matches_torch_fx_fuse(model_name, request):
     our_classes = {ours_class: torch_class for ours_class, torch_class in zip(OUR_BN, TORCH_BN)}
     # the root's class is made per GraphModule; below it, the same modules by name and class
     assert [(n, our_classes.get(type(m), type(m))) for n, m in fused_ours.named_modules() if n] == [
-        (n, type(m)) for n, m in fused_by_torch.named_modules() if n]
+        (n, type(m)) for n, m in fused_by_torch.named_modules() if n
+    ]
     if model_name != "conv_output_used_twice":
         assert not any(isinstance(m, TORCH_BN) for m in fused_ours.modules())
     assert any(isinstance(m, OUR_BN) for m in ours.modules()), "inplace=False changed the model"
@@ -581,11 +651,13 @@ def test_fx_fuse_conv_bn_in_training_mode_raises_as_torch():
     assert str(our_error.value) == str(torch_error.value)
 
 
-@pytest.mark.parametrize("layer_type", [nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear],
-                         ids=lambda t: t.__name__)
+@pytest.mark.parametrize(
+    "layer_type", [nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear], ids=lambda t: t.__name__
+)
 def test_fuse_conv_bn_eval_accepts_our_batchnorm(layer_type):
     bn_type = {nn.Conv1d: nn.BatchNorm1d, nn.Conv3d: nn.BatchNorm3d, nn.Linear: nn.BatchNorm1d}.get(
-        layer_type, nn.BatchNorm2d)
+        layer_type, nn.BatchNorm2d
+    )
     layer = layer_of(layer_type).eval()
     x = input_for((layer_type, bn_type))
     torch_bn, our_bn, _ = make_bn_pair(bn_type, dict(zip(TORCH_BN, OUR_BN))[bn_type], 4)

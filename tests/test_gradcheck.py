@@ -30,6 +30,7 @@ def _fn(training, rm, rv, affine, eps=1e-3):
         w, b = wb if affine else (None, None)
         # fresh copies: training mode updates running stats in place
         return bnorm_ext.batch_norm(x, rm.clone(), rv.clone(), w, b, training=training, momentum=0.1, eps=eps)
+
     return f
 
 
@@ -94,6 +95,10 @@ def test_gradcheck_weight_only(device, training):
 def test_gradcheck_module(device):
     m = bnorm_ext.BatchNorm2d(3).double().to(device)
     x = randn_shifted((2, 3, 2, 3), torch.float64, device).requires_grad_()
-    assert gradcheck(lambda x, w, b: torch.func.functional_call(m, {"weight": w, "bias": b}, (x,)),
-                     (x, m.weight.detach().clone().requires_grad_(), m.bias.detach().clone().requires_grad_()),
-                     eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert gradcheck(
+        lambda x, w, b: torch.func.functional_call(m, {"weight": w, "bias": b}, (x,)),
+        (x, m.weight.detach().clone().requires_grad_(), m.bias.detach().clone().requires_grad_()),
+        eps=1e-6,
+        atol=1e-5,
+        rtol=1e-4,
+    )

@@ -23,9 +23,14 @@ OPTIONS = [
     pytest.param(dict(eps=1e-3, momentum=None, affine=False), id="eps1e-3-momNone-noaffine"),
     pytest.param(dict(momentum=0.3, track_running_stats=False), id="mom0.3-notrack"),
     # NB: torch 2.11's nn.BatchNorm takes no `bias` argument (2.14's does); ours takes it.
-    pytest.param(dict(bias=False), id="nobias", marks=pytest.mark.skipif(
-        "bias" not in inspect.signature(nn.BatchNorm2d.__init__).parameters,
-        reason="this torch's nn.BatchNorm has no bias argument")),
+    pytest.param(
+        dict(bias=False),
+        id="nobias",
+        marks=pytest.mark.skipif(
+            "bias" not in inspect.signature(nn.BatchNorm2d.__init__).parameters,
+            reason="this torch's nn.BatchNorm has no bias argument",
+        ),
+    ),
 ]
 
 
@@ -167,10 +172,12 @@ class Net(nn.Module):
         self.bn2 = nn.BatchNorm2d(4, eps=1e-3)
         self.custom = CustomBN(4)
         self.seq = nn.Sequential(nn.ReLU(), nn.Sequential(Inner()))
-        self.blocks = nn.ModuleDict({
-            "bn3": nn.BatchNorm3d(2, affine=False, momentum=0.3),
-            "bn1_seq": nn.BatchNorm1d(5, track_running_stats=False),
-        })
+        self.blocks = nn.ModuleDict(
+            {
+                "bn3": nn.BatchNorm3d(2, affine=False, momentum=0.3),
+                "bn1_seq": nn.BatchNorm1d(5, track_running_stats=False),
+            }
+        )
         self.blocks["bn3"].double()
 
     def forward(self, img, v, vol, seq):
@@ -182,10 +189,12 @@ class Net(nn.Module):
 
 
 def _net_inputs(device="cpu"):
-    return (randn_shifted((4, 3, 7, 7), torch.float32, device),
-            randn_shifted((6, 12), torch.float32, device),
-            randn_shifted((2, 2, 3, 3, 2), torch.float64, device),
-            randn_shifted((3, 5, 4), torch.float32, device))
+    return (
+        randn_shifted((4, 3, 7, 7), torch.float32, device),
+        randn_shifted((6, 12), torch.float32, device),
+        randn_shifted((2, 2, 3, 3, 2), torch.float64, device),
+        randn_shifted((3, 5, 4), torch.float32, device),
+    )
 
 
 def _bn_modules(model):
@@ -208,8 +217,11 @@ def test_convert_batchnorm(device):
     ret = bnorm_ext.convert_batchnorm(model)
     assert ret is model  # in place
 
-    mapping = {nn.BatchNorm1d: bnorm_ext.BatchNorm1d, nn.BatchNorm2d: bnorm_ext.BatchNorm2d,
-               nn.BatchNorm3d: bnorm_ext.BatchNorm3d}
+    mapping = {
+        nn.BatchNorm1d: bnorm_ext.BatchNorm1d,
+        nn.BatchNorm2d: bnorm_ext.BatchNorm2d,
+        nn.BatchNorm3d: bnorm_ext.BatchNorm3d,
+    }
     bns_after = _bn_modules(model)
     assert set(bns_after) == set(bns_before)
     for name, old in _bn_modules(before).items():
@@ -312,8 +324,14 @@ def test_convert_preserves_optimizer_usability():
 # ---------------------------------------------------------------------------
 def test_python_m_bnorm_ext():
     env = dict(os.environ)
-    proc = subprocess.run([sys.executable, "-m", "bnorm_ext"], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=os.path.dirname(os.path.dirname(bnorm_ext.__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bnorm_ext"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(bnorm_ext.__file__)),
+    )
     assert proc.returncode == 0, proc.stderr
     assert torch.__version__.split("+")[0] in proc.stdout, proc.stdout
 

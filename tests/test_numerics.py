@@ -31,8 +31,7 @@ def test_cancellation_float32_no_worse_than_torch(memory_format, seed):
     eps = 1e-5
 
     rm_r, rv_r = rm0.double(), rv0.double()
-    out_r, mean_r, invstd_r = torch.native_batch_norm(x.double(), w.double(), b.double(), rm_r, rv_r,
-                                                      True, 0.1, eps)
+    out_r, mean_r, invstd_r = torch.native_batch_norm(x.double(), w.double(), b.double(), rm_r, rv_r, True, 0.1, eps)
     rm_t, rv_t = rm0.clone(), rv0.clone()
     out_t, mean_t, invstd_t = torch.native_batch_norm(x, w, b, rm_t, rv_t, True, 0.1, eps)
     rm_o, rv_o = rm0.clone(), rv0.clone()
@@ -88,10 +87,14 @@ def _conv_stack_cases():
     chans = [3, 6, 32, 64, 128]
     layers = []
     for cin, cout in zip(chans, chans[1:]):
-        layers += [torch.nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
-                   torch.nn.BatchNorm2d(cout), torch.nn.ReLU(inplace=True)]
-    model = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                torch.nn.Linear(chans[-1], 10))
+        layers += [
+            torch.nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
+            torch.nn.BatchNorm2d(cout),
+            torch.nn.ReLU(inplace=True),
+        ]
+    model = torch.nn.Sequential(
+        *layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(chans[-1], 10)
+    )
     return tuple(bn_layer_cases(model, natural_images(8, 192, g), g))
 
 
@@ -126,8 +129,11 @@ def _outlier_first_row_cases():
     return (("outlier_first_row", x, dy, w, b, rm, rv),)
 
 
-ACTIVATION_CASES = {"conv_activations": _conv_stack_cases, "large_mean": _large_mean_cases,
-                    "outlier_first_row": _outlier_first_row_cases}
+ACTIVATION_CASES = {
+    "conv_activations": _conv_stack_cases,
+    "large_mean": _large_mean_cases,
+    "outlier_first_row": _outlier_first_row_cases,
+}
 BOTH_LAYOUTS = (torch.contiguous_format, torch.channels_last)
 
 
@@ -142,8 +148,9 @@ def _forward(fn, x, w, b, rm, rv):
 
 
 def _torch_backward(dy, x, w, mean, invstd):
-    gx, gw, gb = torch.ops.aten.native_batch_norm_backward(dy, x, w, None, None, mean, invstd, True, EPS,
-                                                          [True, True, True])
+    gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+        dy, x, w, None, None, mean, invstd, True, EPS, [True, True, True]
+    )
     return dict(grad_input=gx, grad_weight=gw, grad_bias=gb)
 
 
@@ -158,8 +165,12 @@ def _assert_no_worse_than_torch(what, ours, theirs, ref):
     # NB: where both sides are correctly rounded (save_mean) the errors tie exactly; 1e-6
     # relative only admits a tie that rounded the other way. NaN fails assert_close.
     torch.testing.assert_close(
-        ours.double(), ref, rtol=0, atol=bound * (1 + 1e-6),
-        msg=lambda m: f"{what}: ours errs more than torch's float32 ({bound:.3e})\n{m}")
+        ours.double(),
+        ref,
+        rtol=0,
+        atol=bound * (1 + 1e-6),
+        msg=lambda m: f"{what}: ours errs more than torch's float32 ({bound:.3e})\n{m}",
+    )
 
 
 @pytest.mark.parametrize("memory_format", memory_formats)
@@ -170,8 +181,9 @@ def test_float32_forward_no_worse_than_torch(data, memory_format):
         # the reference: float64 on the same float32 values
         ref = _forward(torch.native_batch_norm, x.double(), w.double(), b.double(), rm.double(), rv.double())
         ours = _forward(ops.batch_norm_forward_train, x.contiguous(memory_format=memory_format), w, b, rm, rv)
-        theirs = [_forward(torch.native_batch_norm, x.contiguous(memory_format=mf), w, b, rm, rv)
-                  for mf in BOTH_LAYOUTS]
+        theirs = [
+            _forward(torch.native_batch_norm, x.contiguous(memory_format=mf), w, b, rm, rv) for mf in BOTH_LAYOUTS
+        ]
         assert ours["output"].stride() == x.contiguous(memory_format=memory_format).stride()
         for q in FORWARD_QUANTITIES:
             _assert_no_worse_than_torch(f"{data} layer {name} {q}", ours[q], [t[q] for t in theirs], ref[q])
@@ -187,10 +199,13 @@ def test_float32_backward_no_worse_than_torch(data, memory_format):
         ref_fwd = _forward(torch.native_batch_norm, x.double(), w.double(), b64, rm64, rv64)
         mean, invstd = ref_fwd["save_mean"].float(), ref_fwd["save_invstd"].float()
         ref = _torch_backward(dy.double(), x.double(), w.double(), mean.double(), invstd.double())
-        ours = _ours_backward(dy.contiguous(memory_format=memory_format), x.contiguous(memory_format=memory_format),
-                              w, mean, invstd)
-        theirs = [_torch_backward(dy.contiguous(memory_format=mf), x.contiguous(memory_format=mf), w, mean, invstd)
-                  for mf in BOTH_LAYOUTS]
+        ours = _ours_backward(
+            dy.contiguous(memory_format=memory_format), x.contiguous(memory_format=memory_format), w, mean, invstd
+        )
+        theirs = [
+            _torch_backward(dy.contiguous(memory_format=mf), x.contiguous(memory_format=mf), w, mean, invstd)
+            for mf in BOTH_LAYOUTS
+        ]
         for q in BACKWARD_QUANTITIES:
             _assert_no_worse_than_torch(f"{data} layer {name} {q}", ours[q], [t[q] for t in theirs], ref[q])
 
@@ -204,8 +219,11 @@ def test_float32_module_step_no_worse_than_torch_on_conv_activations(memory_form
     for name, x64, dy64, w64, b64, rm64, rv64 in _conv_stack_cases():
         C = x64.shape[1]
         results = []
-        for cls, dtype in ((torch.nn.BatchNorm2d, torch.float64), (bnorm_ext.BatchNorm2d, torch.float32),
-                           (torch.nn.BatchNorm2d, torch.float32)):
+        for cls, dtype in (
+            (torch.nn.BatchNorm2d, torch.float64),
+            (bnorm_ext.BatchNorm2d, torch.float32),
+            (torch.nn.BatchNorm2d, torch.float32),
+        ):
             m = cls(C, momentum=MOMENTUM, eps=EPS)
             with torch.no_grad():
                 for p, v in zip((m.weight, m.bias, m.running_mean, m.running_var), (w64, b64, rm64, rv64)):
@@ -214,8 +232,16 @@ def test_float32_module_step_no_worse_than_torch_on_conv_activations(memory_form
             x = x64.float().to(dtype).contiguous(memory_format=memory_format).requires_grad_()
             out = m(x)
             out.backward(dy64.float().to(dtype).contiguous(memory_format=memory_format))
-            results.append(dict(output=out, grad_input=x.grad, grad_weight=m.weight.grad, grad_bias=m.bias.grad,
-                                running_mean=m.running_mean, running_var=m.running_var))
+            results.append(
+                dict(
+                    output=out,
+                    grad_input=x.grad,
+                    grad_weight=m.weight.grad,
+                    grad_bias=m.bias.grad,
+                    running_mean=m.running_mean,
+                    running_var=m.running_var,
+                )
+            )
         ref, ours, theirs = results
         for q in names:
             e_o = (ours[q].detach().double() - ref[q].detach()).abs()
@@ -225,8 +251,11 @@ def test_float32_module_step_no_worse_than_torch_on_conv_activations(memory_form
             totals[q][1] += e_t.mean().item()
             totals[q][2] = max(totals[q][2], e_o.max().item())
             totals[q][3] = max(totals[q][3], e_t.max().item())
-    worse = [f"{q}: ours mean {v[0]:.3e} max {v[2]:.3e} vs torch mean {v[1]:.3e} max {v[3]:.3e}"
-             for q, v in totals.items() if not (v[0] <= v[1] and v[2] <= v[3])]
+    worse = [
+        f"{q}: ours mean {v[0]:.3e} max {v[2]:.3e} vs torch mean {v[1]:.3e} max {v[3]:.3e}"
+        for q, v in totals.items()
+        if not (v[0] <= v[1] and v[2] <= v[3])
+    ]
     assert not worse, "; ".join(worse)
 
 
@@ -249,10 +278,12 @@ def test_large_mean_float64():
     rm_o, rv_o = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
     out_o, mean_o, invstd_o = ops.batch_norm_forward_train(x, None, None, rm_o, rv_o, None, 0.1, eps)
 
-    for name, o, t, r in [("output", out_o, out_t, out_ref),
-                          ("save_mean", mean_o, mean_t, mean_ref),
-                          ("save_invstd", invstd_o, invstd_t, 1 / torch.sqrt(var_ref + eps)),
-                          ("running_var", rv_o, rv_t, rv_ref)]:
+    for name, o, t, r in [
+        ("output", out_o, out_t, out_ref),
+        ("save_mean", mean_o, mean_t, mean_ref),
+        ("save_invstd", invstd_o, invstd_t, 1 / torch.sqrt(var_ref + eps)),
+        ("running_var", rv_o, rv_t, rv_ref),
+    ]:
         # torch's CPU kernel is two-pass (nearly exact); a Welford/merge implementation is
         # legitimately a little worse, so allow 1e-9 absolute on O(1) quantities (1e-15 relative
         # for the mean).  A naive E[x^2]-E[x]^2 kernel is off by ~1e-4 here and fails.

@@ -21,9 +21,15 @@ OP_NAMES = [
     "batch_norm_act_backward",
 ]
 # Differentiable as ops; the SyncBatchNorm building blocks raise when differentiated.
-DIFFERENTIABLE_OPS = {"batch_norm_forward_train", "batch_norm_forward_eval", "batch_norm_backward",
-                      "batch_norm_forward_jvp", "batch_norm_act_forward_train", "batch_norm_act_forward_eval",
-                      "batch_norm_act_backward"}
+DIFFERENTIABLE_OPS = {
+    "batch_norm_forward_train",
+    "batch_norm_forward_eval",
+    "batch_norm_backward",
+    "batch_norm_forward_jvp",
+    "batch_norm_act_forward_train",
+    "batch_norm_act_forward_eval",
+    "batch_norm_act_backward",
+}
 
 DTYPE_CASES = [
     pytest.param(torch.float64, torch.float64, id="float64"),
@@ -44,8 +50,10 @@ def _op(name):
 
 def _has_autograd_kernel(op):
     name = op.name()
-    return any(torch._C._dispatch_has_kernel_for_dispatch_key(name, k)
-               for k in ("Autograd", "AutogradCPU", "AutogradCUDA", "CompositeImplicitAutograd"))
+    return any(
+        torch._C._dispatch_has_kernel_for_dispatch_key(name, k)
+        for k in ("Autograd", "AutogradCPU", "AutogradCUDA", "CompositeImplicitAutograd")
+    )
 
 
 def make_args(name, dtype, pdt, memory_format, device, variant, shape=SHAPE):
@@ -67,7 +75,7 @@ def make_args(name, dtype, pdt, memory_format, device, variant, shape=SHAPE):
         return (x,)
     if name == "batch_norm_gather_stats":
         P = 3
-        mean_p = (mean.unsqueeze(0) + 0.1 * torch.randn(P, C, dtype=torch.float64).to(device, acc))
+        mean_p = mean.unsqueeze(0) + 0.1 * torch.randn(P, C, dtype=torch.float64).to(device, acc)
         var_p = (0.5 + torch.rand(P, C, dtype=torch.float64)).to(device, acc)
         counts = torch.tensor([24.0, 48.0, 12.0], dtype=acc, device=device)
         rm_a = rm.to(acc)
@@ -108,20 +116,30 @@ def make_args(name, dtype, pdt, memory_format, device, variant, shape=SHAPE):
         return (x, x_t, None if none_params else w, w_t, b_t, mean if training else rm.to(acc), invstd, training)
     if name.startswith("batch_norm_act_"):
         # variant "<activation>[_no_residual][_no_affine][_eval]"; default: relu with a residual
-        activation = next(a for a in ("leaky_relu", "relu", "silu", "identity") if variant.startswith(a)) \
-            if variant != "default" else "relu"
+        activation = (
+            next(a for a in ("leaky_relu", "relu", "silu", "identity") if variant.startswith(a))
+            if variant != "default"
+            else "relu"
+        )
         slope = 0.1 if activation == "leaky_relu" else 0.0
-        r = None if "no_residual" in variant else \
-            torch.randn(shape, dtype=torch.float64).to(device, dtype).contiguous(memory_format=memory_format)
+        r = (
+            None
+            if "no_residual" in variant
+            else torch.randn(shape, dtype=torch.float64).to(device, dtype).contiguous(memory_format=memory_format)
+        )
         wa, ba = (None, None) if "no_affine" in variant else (w, b)
         if name == "batch_norm_act_forward_train":
             return (x, wa, ba, rm, rv, nbt, 0.1, EPS, r, activation, slope)
         if name == "batch_norm_act_forward_eval":
             return (x, wa, ba, rm, rv, EPS, r, activation, slope)
         training = "eval" not in variant
-        y = torch.ops.bnorm_ext.batch_norm_act_forward_train(
-            x, wa, ba, None, None, None, 0.1, EPS, r, activation, slope)[0] if training else \
-            torch.ops.bnorm_ext.batch_norm_act_forward_eval(x, wa, ba, rm, rv, EPS, r, activation, slope)
+        y = (
+            torch.ops.bnorm_ext.batch_norm_act_forward_train(
+                x, wa, ba, None, None, None, 0.1, EPS, r, activation, slope
+            )[0]
+            if training
+            else torch.ops.bnorm_ext.batch_norm_act_forward_eval(x, wa, ba, rm, rv, EPS, r, activation, slope)
+        )
         y = y if activation in ("relu", "leaky_relu") else None
         r_saved = r if activation == "silu" else None
         stats = (None, None, mean, invstd) if training else (rm, rv, None, None)
@@ -141,8 +159,7 @@ VARIANTS = {
     "batch_norm_forward_jvp": ["default", "eval", "no_affine"],
     "batch_norm_act_forward_train": ["default", "silu", "leaky_relu_no_residual", "identity_no_affine"],
     "batch_norm_act_forward_eval": ["default", "silu_no_affine", "leaky_relu_no_residual"],
-    "batch_norm_act_backward": ["default", "silu", "silu_no_residual_eval", "leaky_relu_eval",
-                                "identity_no_affine"],
+    "batch_norm_act_backward": ["default", "silu", "silu_no_residual_eval", "leaky_relu_eval", "identity_no_affine"],
 }
 VARIANT_DTYPE_IDS = ("float32", "float16-params_float32")  # non-default variants: these dtypes only
 CASES = [
@@ -177,8 +194,10 @@ def test_opcheck(device, dtype, pdt, name, variant, memory_format):
     if name in DIFFERENTIABLE_OPS:
         # the op claims autograd support: also check it with inputs that require grad
         args = make_args(name, dtype, pdt, memory_format, device, variant)
-        args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
-                     and a.dim() == 4 else a for a in args)
+        args = tuple(
+            a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() == 4 else a
+            for a in args
+        )
         _run_opcheck(op, args)
 
 
@@ -189,14 +208,14 @@ def test_non_differentiable_ops_raise(name):
     args = make_args(name, torch.float64, torch.float64, torch.contiguous_format, "cpu", "default")
     index = next(i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point())
     leaf = args[index].clone().requires_grad_()
-    out = op(*args[:index], leaf, *args[index + 1:])
+    out = op(*args[:index], leaf, *args[index + 1 :])
     out = out[0] if isinstance(out, tuple) else out
     with pytest.raises(RuntimeError, match="derivative for bnorm_ext::.* is not implemented"):
         out.sum().backward()
     with torch.autograd.forward_ad.dual_level():
         dual = torch.autograd.forward_ad.make_dual(args[index], torch.ones_like(args[index]))
         with pytest.raises(RuntimeError, match="forward AD"):
-            op(*args[:index], dual, *args[index + 1:])
+            op(*args[:index], dual, *args[index + 1 :])
 
 
 # Strides Inductor may hand the ops (they are tagged flexible_layout): each
@@ -246,7 +265,8 @@ def _restride(op, args, shape, input_layout, other_layout):
     names = [a.name for a in op._schema.arguments]
     return tuple(
         LAYOUTS[input_layout if name == "input" else other_layout](a)
-        if isinstance(a, torch.Tensor) and a.shape == shape else a
+        if isinstance(a, torch.Tensor) and a.shape == shape
+        else a
         for name, a in zip(names, args)
     )
 
@@ -256,12 +276,18 @@ def _tensors(out):
 
 
 @pytest.mark.parametrize("case_id,shape,input_layout,other_layout", STRIDE_CASES, ids=[c[0] for c in STRIDE_CASES])
-@pytest.mark.parametrize("name,variant", [
-    pytest.param(n, v, id=f"{n}-{v}") for n in OP_NAMES if n != "batch_norm_gather_stats"
-    for v in STRIDE_VARIANTS.get(n, ["default"])
-])
-def test_fake_strides_equal_real_strides_for_any_input_strides(name, variant, case_id, shape, input_layout,
-                                                                other_layout):
+@pytest.mark.parametrize(
+    "name,variant",
+    [
+        pytest.param(n, v, id=f"{n}-{v}")
+        for n in OP_NAMES
+        if n != "batch_norm_gather_stats"
+        for v in STRIDE_VARIANTS.get(n, ["default"])
+    ],
+)
+def test_fake_strides_equal_real_strides_for_any_input_strides(
+    name, variant, case_id, shape, input_layout, other_layout
+):
     # Inductor trusts the fake kernels' output strides (the ops are
     # flexible_layout), so they must be the real kernels' for any strides;
     # and the values must not depend on the strides the kernels read.

@@ -40,8 +40,7 @@ def test_bn2d_parity(device, dtype, memory_format, shape):
 @pytest.mark.parametrize("track", [True, False], ids=["track", "notrack"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
 @pytest.mark.parametrize("memory_format", memory_formats)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16],
-                         ids=["float64", "float32", "float16"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=["float64", "float32", "float16"])
 @pytest.mark.parametrize("device", devices)
 def test_bn2d_options_parity(device, dtype, memory_format, affine, track, momentum):
     shape = (4, 3, 5, 6)
@@ -49,24 +48,36 @@ def test_bn2d_options_parity(device, dtype, memory_format, affine, track, moment
     def make_x(dt, dev):
         return randn_shifted(shape, dt, dev, memory_format=memory_format)
 
-    check_parity(nn.BatchNorm2d, bnorm_ext.BatchNorm2d, make_x, dtype, device,
-                 affine=affine, track_running_stats=track, momentum=momentum)
+    check_parity(
+        nn.BatchNorm2d,
+        bnorm_ext.BatchNorm2d,
+        make_x,
+        dtype,
+        device,
+        affine=affine,
+        track_running_stats=track,
+        momentum=momentum,
+    )
 
 
 @pytest.mark.parametrize("track", [True, False], ids=["track", "notrack"])
 @pytest.mark.parametrize("memory_format", memory_formats)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
-                         ids=["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["float64", "float32", "bfloat16"]
+)
 @pytest.mark.parametrize("device", devices)
-@pytest.mark.skipif("bias" not in inspect.signature(nn.BatchNorm2d.__init__).parameters,
-                    reason="this torch's nn.BatchNorm has no bias argument (torch 2.11)")
+@pytest.mark.skipif(
+    "bias" not in inspect.signature(nn.BatchNorm2d.__init__).parameters,
+    reason="this torch's nn.BatchNorm has no bias argument (torch 2.11)",
+)
 def test_bn2d_no_bias_parity(device, dtype, memory_format, track):
     # torch's BatchNorm takes bias=False (weight only)
     def make_x(dt, dev):
         return randn_shifted((4, 3, 5, 6), dt, dev, memory_format=memory_format)
 
-    tmod, omod = check_parity(nn.BatchNorm2d, bnorm_ext.BatchNorm2d, make_x, dtype, device,
-                              bias=False, track_running_stats=track)
+    tmod, omod = check_parity(
+        nn.BatchNorm2d, bnorm_ext.BatchNorm2d, make_x, dtype, device, bias=False, track_running_stats=track
+    )
     assert omod.bias is None and omod.weight is not None
 
 
@@ -116,8 +127,9 @@ NONCONTIG = [
 
 
 @pytest.mark.parametrize("make_x", NONCONTIG)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
-                         ids=["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["float64", "float32", "bfloat16"]
+)
 @pytest.mark.parametrize("device", devices)
 def test_bn2d_noncontiguous_parity(device, dtype, make_x):
     x = make_x(dtype, device)
@@ -135,8 +147,7 @@ def test_bn2d_mixed_dtype_parity(device, dtype, memory_format):
     def make_x(dt, dev):
         return randn_shifted((4, 6, 5, 7), dt, dev, memory_format=memory_format)
 
-    tmod, omod = check_parity(nn.BatchNorm2d, bnorm_ext.BatchNorm2d, make_x, dtype, device,
-                              param_dtype=torch.float32)
+    tmod, omod = check_parity(nn.BatchNorm2d, bnorm_ext.BatchNorm2d, make_x, dtype, device, param_dtype=torch.float32)
     assert omod.weight.dtype == torch.float32
     assert omod.running_mean.dtype == torch.float32
     assert omod.running_var.dtype == torch.float32
@@ -181,19 +192,20 @@ def test_bn1d_options_parity(device, affine, momentum):
     def make_x(dt, dev):
         return randn_shifted((6, 4, 5), dt, dev)
 
-    check_parity(nn.BatchNorm1d, bnorm_ext.BatchNorm1d, make_x, torch.float32, device,
-                 affine=affine, momentum=momentum)
+    check_parity(nn.BatchNorm1d, bnorm_ext.BatchNorm1d, make_x, torch.float32, device, affine=affine, momentum=momentum)
 
 
 # ---------------------------------------------------------------------------
 # BatchNorm3d
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("memory_format", [
-    pytest.param(torch.contiguous_format, id="contiguous"),
-    pytest.param(torch.channels_last_3d, id="channels_last_3d"),
-])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16],
-                         ids=["float64", "float32", "float16"])
+@pytest.mark.parametrize(
+    "memory_format",
+    [
+        pytest.param(torch.contiguous_format, id="contiguous"),
+        pytest.param(torch.channels_last_3d, id="channels_last_3d"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=["float64", "float32", "float16"])
 @pytest.mark.parametrize("device", devices)
 def test_bn3d_parity(device, dtype, memory_format):
     def make_x(dt, dev):
@@ -207,9 +219,5 @@ def test_bn3d_options_parity(device):
     def make_x(dt, dev):
         return randn_shifted((3, 2, 3, 2, 4), dt, dev)
 
-    check_parity(nn.BatchNorm3d, bnorm_ext.BatchNorm3d, make_x, torch.float64, device,
-                 affine=False, momentum=None)
-    check_parity(nn.BatchNorm3d, bnorm_ext.BatchNorm3d, make_x, torch.float64, device,
-                 track_running_stats=False)
-
-
+    check_parity(nn.BatchNorm3d, bnorm_ext.BatchNorm3d, make_x, torch.float64, device, affine=False, momentum=None)
+    check_parity(nn.BatchNorm3d, bnorm_ext.BatchNorm3d, make_x, torch.float64, device, track_running_stats=False)

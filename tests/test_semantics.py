@@ -55,8 +55,7 @@ def test_running_stats_momentum_formula(device):
     rm0, rv0 = m.running_mean.clone(), m.running_var.clone()
     m(x)
     torch.testing.assert_close(m.running_mean, 0.7 * rm0 + 0.3 * x.mean(dim=RED), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(m.running_var, 0.7 * rv0 + 0.3 * x.var(dim=RED, unbiased=True),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m.running_var, 0.7 * rv0 + 0.3 * x.var(dim=RED, unbiased=True), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("start_nbt", [0, 5], ids=["fresh", "nbt5"])
@@ -110,8 +109,9 @@ def test_eval_uses_running_stats(device):
 @pytest.mark.parametrize("device", devices)
 def test_track_running_stats_false(device):
     C = 3
-    tmod, omod, _ = make_bn_pair(nn.BatchNorm2d, bnorm_ext.BatchNorm2d, C, device, torch.float64,
-                                 track_running_stats=False)
+    tmod, omod, _ = make_bn_pair(
+        nn.BatchNorm2d, bnorm_ext.BatchNorm2d, C, device, torch.float64, track_running_stats=False
+    )
     assert omod.running_mean is None and omod.running_var is None and omod.num_batches_tracked is None
     x = randn_shifted((4, C, 3, 5), torch.float64, device)
     y_train = omod(x)
@@ -350,8 +350,8 @@ def _call_op_with_params(name, x, weight, bias):
     elif name == "batch_norm_act_backward":
         output = torch.relu(x)
         ops.batch_norm_act_backward(
-            torch.randn_like(x), output, x, weight, bias, None, None, mean, invstd, None, True, 1e-5, False,
-            "relu", 0.0)
+            torch.randn_like(x), output, x, weight, bias, None, None, mean, invstd, None, True, 1e-5, False, "relu", 0.0
+        )
     else:
         raise AssertionError(name)
 
@@ -367,8 +367,11 @@ OPS_WITH_WEIGHT_AND_BIAS = [
 ]
 
 
-@pytest.mark.parametrize("w_dtype,b_dtype", [(torch.float32, torch.float16), (torch.float16, torch.float32)],
-                         ids=["w_float32-b_float16", "w_float16-b_float32"])
+@pytest.mark.parametrize(
+    "w_dtype,b_dtype",
+    [(torch.float32, torch.float16), (torch.float16, torch.float32)],
+    ids=["w_float32-b_float16", "w_float16-b_float32"],
+)
 @pytest.mark.parametrize("name", OPS_WITH_WEIGHT_AND_BIAS)
 def test_op_weight_bias_dtype_mismatch_raises(name, w_dtype, b_dtype):
     # Each dtype alone is allowed beside a half input; together the kernel
@@ -376,8 +379,10 @@ def test_op_weight_bias_dtype_mismatch_raises(name, w_dtype, b_dtype):
     x = randn_shifted((4, 3, 5, 5), torch.float16, "cpu")
     weight = (torch.rand(3) + 0.5).to(w_dtype)
     bias = torch.randn(3).to(b_dtype)
-    expected = (f"bnorm_ext::{name}: expected bias to have the same dtype as weight "
-                f"({_scalar_type_name(w_dtype)}), got {_scalar_type_name(b_dtype)}")
+    expected = (
+        f"bnorm_ext::{name}: expected bias to have the same dtype as weight "
+        f"({_scalar_type_name(w_dtype)}), got {_scalar_type_name(b_dtype)}"
+    )
     with pytest.raises(RuntimeError, match=re.escape(expected)):
         _call_op_with_params(name, x, weight, bias)
     # The same call with agreeing dtypes runs.
@@ -406,11 +411,29 @@ def test_op_act_backward_differentiable_weight_bias_dtype_mismatch_raises():
     x = randn_shifted((4, 3, 5, 5), torch.float16, "cpu")
     mean, invstd = torch.full((3,), 5.0), torch.full((3,), 0.5)
     grad_out = torch.randn_like(x).requires_grad_()
-    with pytest.raises(RuntimeError, match=re.escape(
-            "bnorm_ext::batch_norm_act_backward: expected bias to have the same dtype as weight (Float), got Half")):
+    with pytest.raises(
+        RuntimeError,
+        match=re.escape(
+            "bnorm_ext::batch_norm_act_backward: expected bias to have the same dtype as weight (Float), got Half"
+        ),
+    ):
         ops.batch_norm_act_backward(
-            grad_out, torch.relu(x), x, torch.ones(3), torch.zeros(3, dtype=torch.float16), None, None, mean, invstd,
-            None, True, 1e-5, False, "relu", 0.0)
+            grad_out,
+            torch.relu(x),
+            x,
+            torch.ones(3),
+            torch.zeros(3, dtype=torch.float16),
+            None,
+            None,
+            mean,
+            invstd,
+            None,
+            True,
+            1e-5,
+            False,
+            "relu",
+            0.0,
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -434,7 +457,8 @@ def test_empty_batch_like_torch(device, training, memory_format):
     assert torch.equal(omod.running_mean, tmod.running_mean)
     assert torch.equal(omod.running_var, tmod.running_var)
     assert torch.equal(omod.num_batches_tracked, tmod.num_batches_tracked), (
-        f"num_batches_tracked {omod.num_batches_tracked} vs torch {tmod.num_batches_tracked}")
+        f"num_batches_tracked {omod.num_batches_tracked} vs torch {tmod.num_batches_tracked}"
+    )
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -553,8 +577,9 @@ def test_functional_defaults(device):
     w = torch.randn(4, dtype=torch.float64, device=device)
     b = torch.randn(4, dtype=torch.float64, device=device)
     rm1, rv1, rm2, rv2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
-    torch.testing.assert_close(bnorm_ext.batch_norm(x, rm1, rv1, w, b, True, 0.2, 1e-3),
-                               F.batch_norm(x, rm2, rv2, w, b, True, 0.2, 1e-3))
+    torch.testing.assert_close(
+        bnorm_ext.batch_norm(x, rm1, rv1, w, b, True, 0.2, 1e-3), F.batch_norm(x, rm2, rv2, w, b, True, 0.2, 1e-3)
+    )
     torch.testing.assert_close(rm1, rm2)
     torch.testing.assert_close(rv1, rv2)
 
@@ -590,10 +615,12 @@ op_dtypes = [pytest.param(d, id=str(d).replace("torch.", "")) for d in OP_DTYPES
 
 
 def _tol(dtype):
-    return {torch.float64: dict(rtol=1e-10, atol=1e-10),
-            torch.float32: dict(rtol=1e-5, atol=1e-5),
-            torch.float16: dict(rtol=2e-3, atol=2e-3),
-            torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}[dtype]
+    return {
+        torch.float64: dict(rtol=1e-10, atol=1e-10),
+        torch.float32: dict(rtol=1e-5, atol=1e-5),
+        torch.float16: dict(rtol=2e-3, atol=2e-3),
+        torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+    }[dtype]
 
 
 @pytest.mark.parametrize("memory_format", memory_formats)

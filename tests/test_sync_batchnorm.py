@@ -74,11 +74,25 @@ def _launch(suite, world_size, workdir, backend="gloo", deadline_s=LAUNCH_DEADLI
             log = open(os.path.join(workdir, f"rank{rank}.log"), "w+")
             outs.append(out)
             logs.append(log)
-            procs.append(subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "--worker", suite, str(rank), str(world_size),
-                 store, out, backend],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=_HERE,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        os.path.abspath(__file__),
+                        "--worker",
+                        suite,
+                        str(rank),
+                        str(world_size),
+                        store,
+                        out,
+                        backend,
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=_HERE,
+                )
+            )
         start = time.monotonic()
         failed = None
         while True:
@@ -131,9 +145,21 @@ def _print_figures(title, results):
 # worker-side helpers
 # ===========================================================================
 _COLLECTIVES = (
-    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "broadcast",
-    "barrier", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all",
-    "all_to_all_single", "gather", "scatter", "all_gather_object", "broadcast_object_list",
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_single",
+    "broadcast",
+    "barrier",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_to_all",
+    "all_to_all_single",
+    "gather",
+    "scatter",
+    "all_gather_object",
+    "broadcast_object_list",
 )
 
 
@@ -147,6 +173,7 @@ def _count_collectives():
             counter["n"] += 1
             counter["names"].append(name)
             return fn(*args, **kwargs)
+
         return counted
 
     saved = {name: getattr(dist, name) for name in _COLLECTIVES if hasattr(dist, name)}
@@ -171,6 +198,7 @@ def _no_host_reads():
     def forbid(name):
         def f(self, *args, **kwargs):
             raise AssertionError(f"host read of a tensor value (Tensor.{name}) in the forward")
+
         return f
 
     for name in names:
@@ -191,8 +219,21 @@ def _tol(dtype):
     return {torch.float64: 1e-10, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, 1e-4)
 
 
-def _parity_case(rank, sizes, dtype, tail=(5, 4), C=3, memory_format=torch.contiguous_format,
-                 steps=2, group=None, group_ranks=None, param_dtype=None, device="cpu", seed=0, **bn_kw):
+def _parity_case(
+    rank,
+    sizes,
+    dtype,
+    tail=(5, 4),
+    C=3,
+    memory_format=torch.contiguous_format,
+    steps=2,
+    group=None,
+    group_ranks=None,
+    param_dtype=None,
+    device="cpu",
+    seed=0,
+    **bn_kw,
+):
     """Trains `steps` steps of bnorm_ext.SyncBatchNorm on this rank's slice of a
     global batch and compares with torch's single-process BatchNorm (in
     `dtype`, and in float64) on the whole batch; then one eval step.
@@ -316,12 +357,12 @@ class _LocalRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_all, off, n, group):
         ctx.off, ctx.n, ctx.group, ctx.shape = off, n, group, x_all.shape
-        return x_all[off:off + n].clone()
+        return x_all[off : off + n].clone()
 
     @staticmethod
     def backward(ctx, g):
         full = g.new_zeros(ctx.shape)
-        full[ctx.off:ctx.off + ctx.n] = g
+        full[ctx.off : ctx.off + ctx.n] = g
         dist.all_reduce(full, group=ctx.group)
         return full, None, None, None
 
@@ -333,13 +374,13 @@ class _AllRows(torch.autograd.Function):
     def forward(ctx, y, off, B, group):
         ctx.off, ctx.n = off, y.shape[0]
         full = y.new_zeros((B,) + tuple(y.shape[1:]))
-        full[off:off + y.shape[0]] = y
+        full[off : off + y.shape[0]] = y
         dist.all_reduce(full, group=group)
         return full
 
     @staticmethod
     def backward(ctx, g):
-        return g[ctx.off:ctx.off + ctx.n].clone(), None, None, None
+        return g[ctx.off : ctx.off + ctx.n].clone(), None, None, None
 
 
 class _SumGradOverGroup(torch.autograd.Function):
@@ -375,21 +416,39 @@ def _gradcheck_case(rank, world_size, sizes, C=2, tail=(2,), momentum=0.1, eps=1
     def G(x_all, w, b):
         x = _LocalRows.apply(x_all, off, n, group)
         y = SyncBatchNormFunction.apply(
-            x, _SumGradOverGroup.apply(w, group), _SumGradOverGroup.apply(b, group),
-            running_mean, running_var, None, momentum, eps, group, world_size)
+            x,
+            _SumGradOverGroup.apply(w, group),
+            _SumGradOverGroup.apply(b, group),
+            running_mean,
+            running_var,
+            None,
+            momentum,
+            eps,
+            group,
+            world_size,
+        )
         return _AllRows.apply(y, off, B, group)
 
     ok = torch.autograd.gradcheck(G, (x_all, w, b), eps=1e-6, atol=1e-7, rtol=1e-5)
     assert ok
     # and without weight/bias
     ok = torch.autograd.gradcheck(
-        lambda x_all: _AllRows.apply(SyncBatchNormFunction.apply(
-            _LocalRows.apply(x_all, off, n, group), None, None, None, None, None, momentum, eps, group,
-            world_size), off, B, group),
-        (x_all,), eps=1e-6, atol=1e-7, rtol=1e-5)
+        lambda x_all: _AllRows.apply(
+            SyncBatchNormFunction.apply(
+                _LocalRows.apply(x_all, off, n, group), None, None, None, None, None, momentum, eps, group, world_size
+            ),
+            off,
+            B,
+            group,
+        ),
+        (x_all,),
+        eps=1e-6,
+        atol=1e-7,
+        rtol=1e-5,
+    )
     assert ok
     # not twice differentiable: create_graph=True is refused, never silently wrong
-    x = x_all.detach()[off:off + n].clone().requires_grad_(True)
+    x = x_all.detach()[off : off + n].clone().requires_grad_(True)
     y = SyncBatchNormFunction.apply(x, None, None, None, None, None, momentum, eps, group, world_size)
     try:
         torch.autograd.grad(y, x, torch.randn_like(y), create_graph=True)
@@ -475,8 +534,9 @@ def _ddp_plain_batchnorm_case(rank, world_size, steps=3, lr=0.1):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.manual_seed(SEED + 300)
-    ref = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                        nn.Linear(64, 3)).double()
+    ref = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)
+    ).double()
     ours = bnorm_ext.convert_batchnorm(copy.deepcopy(ref))
     assert type(ours[1]) is bnorm_ext.BatchNorm2d
     ddps = [DDP(ref), DDP(ours)]
@@ -508,12 +568,15 @@ def _suite_world2(rank, world_size, device="cpu"):
     R = {}
     R["f64 sizes(4,4) 2d"] = _parity_case(rank, (4, 4), torch.float64, tail=(5, 4), C=3, seed=1)
     R["f32 sizes(3,5) 2d channels_last momentum=None"] = _parity_case(
-        rank, (3, 5), torch.float32, tail=(4, 3), C=4, memory_format=torch.channels_last, momentum=None, seed=2)
+        rank, (3, 5), torch.float32, tail=(4, 3), C=4, memory_format=torch.channels_last, momentum=None, seed=2
+    )
     R["f64 sizes(2,6) (N,C) affine=False track=False"] = _parity_case(
-        rank, (2, 6), torch.float64, tail=(), C=5, affine=False, track_running_stats=False, seed=3)
+        rank, (2, 6), torch.float64, tail=(), C=5, affine=False, track_running_stats=False, seed=3
+    )
     R["f32 sizes(1,2) 3d"] = _parity_case(rank, (1, 2), torch.float32, tail=(2, 3, 2), C=2, seed=4)
     R["bf16 input f32 params sizes(3,2)"] = _parity_case(
-        rank, (3, 2), torch.bfloat16, tail=(3, 3), C=3, param_dtype=torch.float32, seed=5)
+        rank, (3, 2), torch.bfloat16, tail=(3, 3), C=3, param_dtype=torch.float32, seed=5
+    )
     R["f16 input f16 params sizes(4,3)"] = _parity_case(rank, (4, 3), torch.float16, tail=(3, 2), C=3, seed=6)
     R["gradcheck f64 sizes(2,3)"] = _gradcheck_case(rank, world_size, (2, 3))
     R["ddp f32 sizes(3,5)"] = _ddp_case(rank, world_size, (3, 5), torch.float32, seed=1)
@@ -526,13 +589,16 @@ def _suite_world3(rank, world_size, device="cpu"):
     assert world_size == 3
     R = {}
     R["f64 sizes(3,1,5) 2d channels_last"] = _parity_case(
-        rank, (3, 1, 5), torch.float64, tail=(3, 3), C=4, memory_format=torch.channels_last, seed=11)
+        rank, (3, 1, 5), torch.float64, tail=(3, 3), C=4, memory_format=torch.channels_last, seed=11
+    )
     R["f32 sizes(3,1,5) 2d"] = _parity_case(rank, (3, 1, 5), torch.float32, tail=(3, 3), C=4, seed=12)
     R["f64 sizes(4,0,3) empty rank"] = _parity_case(rank, (4, 0, 3), torch.float64, seed=13)
     R["f32 sizes(0,3,2) empty rank 0 momentum=None"] = _parity_case(
-        rank, (0, 3, 2), torch.float32, momentum=None, seed=14)
+        rank, (0, 3, 2), torch.float32, momentum=None, seed=14
+    )
     R["f64 sizes(1,0,4) (N,C): local counts 1 and 0"] = _parity_case(
-        rank, (1, 0, 4), torch.float64, tail=(), C=3, seed=15)
+        rank, (1, 0, 4), torch.float64, tail=(), C=3, seed=15
+    )
 
     # one value per channel in the whole group: every rank raises, buffers untouched
     m = SyncBatchNorm(3).double()
@@ -588,7 +654,8 @@ def _suite_world3(rank, world_size, device="cpu"):
         R["process_group {0,2}"] = _parity_case(rank, sizes, torch.float64, group=g02, group_ranks=[0, 2], seed=16)
     else:
         R["process_group {1} (single-process path)"] = _parity_case(
-            rank, sizes, torch.float64, group=g1, group_ranks=[1], seed=17)
+            rank, sizes, torch.float64, group=g1, group_ranks=[1], seed=17
+        )
     dist.barrier()
 
     R["ddp f64 sizes(4,0,3) empty rank"] = _ddp_case(rank, world_size, (4, 0, 3), torch.float64, seed=3)
@@ -604,7 +671,8 @@ def _suite_nccl(rank, world_size, device="cpu"):
     R["cuda f32 sizes(3,5)"] = _parity_case(rank, (3, 5), torch.float32, device=dev, seed=21)
     R["cuda f64 sizes(4,0) empty rank"] = _parity_case(rank, (4, 0), torch.float64, device=dev, seed=22)
     R["cuda f32 sizes(3,5) channels_last"] = _parity_case(
-        rank, (3, 5), torch.float32, device=dev, memory_format=torch.channels_last, seed=23)
+        rank, (3, 5), torch.float32, device=dev, memory_format=torch.channels_last, seed=23
+    )
 
     # no device-to-host synchronisation in the forward
     m = SyncBatchNorm(4).to(dev)
@@ -651,8 +719,9 @@ def _worker_main(argv):
     torch.set_num_threads(1)
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world_size,
-                            timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group(
+        backend, init_method=f"file://{store}", rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT
+    )
     try:
         results = SUITES[suite](rank, world_size)
     except BaseException:
@@ -690,26 +759,32 @@ def world3():
 
 
 def _cases(results, prefix):
-    found = [(rank, case, figs) for rank, res in enumerate(results) for case, figs in res.items()
-             if case.startswith(prefix)]
+    found = [
+        (rank, case, figs) for rank, res in enumerate(results) for case, figs in res.items() if case.startswith(prefix)
+    ]
     assert found, f"no case {prefix!r} ran"
     return found
 
 
 # Each worker asserted its cases (collectives counted, parity with torch on the
 # concatenated batch); these tests say which ones ran on every rank.
-@pytest.mark.parametrize("case", [
-    "f64 sizes(4,4) 2d",
-    "f32 sizes(3,5) 2d channels_last momentum=None",
-    "f64 sizes(2,6) (N,C) affine=False track=False",
-    "f32 sizes(1,2) 3d",
-    "bf16 input f32 params sizes(3,2)",
-    "f16 input f16 params sizes(4,3)",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "f64 sizes(4,4) 2d",
+        "f32 sizes(3,5) 2d channels_last momentum=None",
+        "f64 sizes(2,6) (N,C) affine=False track=False",
+        "f32 sizes(1,2) 3d",
+        "bf16 input f32 params sizes(3,2)",
+        "f16 input f16 params sizes(4,3)",
+    ],
+)
 def test_world2_parity(world2, case):
     found = _cases(world2, case)
     assert len(found) == 2
-    assert sorted(f["local_n"] for _, _, f in found) == sorted(int(s) for s in case.split("sizes(")[1].split(")")[0].split(","))
+    assert sorted(f["local_n"] for _, _, f in found) == sorted(
+        int(s) for s in case.split("sizes(")[1].split(")")[0].split(",")
+    )
 
 
 def test_world2_gradcheck(world2):
@@ -731,13 +806,16 @@ def test_world2_ddp_with_converted_batchnorm(world2):
         assert max(figs["loss"], figs["params"], figs["buffers"]) <= 1e-10
 
 
-@pytest.mark.parametrize("case", [
-    "f64 sizes(3,1,5) 2d channels_last",
-    "f32 sizes(3,1,5) 2d",
-    "f64 sizes(4,0,3) empty rank",
-    "f32 sizes(0,3,2) empty rank 0 momentum=None",
-    "f64 sizes(1,0,4) (N,C): local counts 1 and 0",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "f64 sizes(3,1,5) 2d channels_last",
+        "f32 sizes(3,1,5) 2d",
+        "f64 sizes(4,0,3) empty rank",
+        "f32 sizes(0,3,2) empty rank 0 momentum=None",
+        "f64 sizes(1,0,4) (N,C): local counts 1 and 0",
+    ],
+)
 def test_world3_parity(world3, case):
     found = _cases(world3, case)
     assert len(found) == 3
