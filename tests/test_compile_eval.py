@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch._inductor.utils import fresh_cache, run_and_get_code
 
 import bnorm_ext
-from conftest import randn_shifted
+from common_utils import randn_shifted
 
 OPS = torch.ops.bnorm_ext
 C = 6

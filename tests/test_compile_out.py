@@ -11,7 +11,7 @@ from torch._inductor.utils import fresh_cache, run_and_get_code
 from torch._library._out_variant import to_out_variant
 
 import bnorm_ext  # noqa: F401  (registers the ops)
-from conftest import randn_shifted
+from common_utils import randn_shifted
 
 OPS = torch.ops.bnorm_ext
 C = 5
