@@ -6,6 +6,7 @@ tests/conftest.py, for any import mode).
 """
 
 import copy
+import inspect
 
 import numpy as np
 import pytest
@@ -13,6 +14,12 @@ import torch
 
 CUDA_AVAILABLE = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA_AVAILABLE, reason="CUDA not available")
+
+# torch 2.11's nn.BatchNorm*d and nn.SyncBatchNorm take no `bias` argument (2.14's do; ours always do).
+requires_torch_bn_bias_arg = pytest.mark.skipif(
+    "bias" not in inspect.signature(torch.nn.BatchNorm2d.__init__).parameters,
+    reason="this torch's nn.BatchNorm has no bias argument (torch 2.11)",
+)
 
 devices = [
     pytest.param("cpu", id="cpu"),

@@ -30,8 +30,9 @@ def _reset_dynamo():
 
 def test_out_overloads_are_not_inductor_lowering_targets():
     # Not tagged out (csrc/ops.cpp says why): Inductor keeps the functional ops.
+    out_tag = getattr(torch.Tag, "out", None)  # NB: torch 2.11 has no out tag at all
     for op in (OPS.batch_norm_backward, OPS.batch_norm_act_backward):
-        assert torch.Tag.out not in op.out.tags
+        assert out_tag is None or out_tag not in op.out.tags
         assert to_out_variant(op.default) is None
 
 

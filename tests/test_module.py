@@ -1,7 +1,6 @@
 """Module-level behaviour: class hierarchy, repr, state_dict, resets, convert/revert, CLI."""
 
 import copy
-import inspect
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import bnorm_ext
-from common_utils import devices, randn_shifted
+from common_utils import devices, randn_shifted, requires_torch_bn_bias_arg
 
 PAIRS = [
     pytest.param(nn.BatchNorm1d, bnorm_ext.BatchNorm1d, (4, 3, 5), id="bn1d"),
@@ -23,14 +22,7 @@ OPTIONS = [
     pytest.param(dict(eps=1e-3, momentum=None, affine=False), id="eps1e-3-momNone-noaffine"),
     pytest.param(dict(momentum=0.3, track_running_stats=False), id="mom0.3-notrack"),
     # NB: torch 2.11's nn.BatchNorm takes no `bias` argument (2.14's does); ours takes it.
-    pytest.param(
-        dict(bias=False),
-        id="nobias",
-        marks=pytest.mark.skipif(
-            "bias" not in inspect.signature(nn.BatchNorm2d.__init__).parameters,
-            reason="this torch's nn.BatchNorm has no bias argument",
-        ),
-    ),
+    pytest.param(dict(bias=False), id="nobias", marks=requires_torch_bn_bias_arg),
 ]
 
 

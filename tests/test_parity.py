@@ -1,13 +1,19 @@
 """Numerical parity of bnorm_ext.BatchNorm{1,2,3}d with torch.nn.BatchNorm{1,2,3}d."""
 
-import inspect
-
 import pytest
 import torch
 import torch.nn as nn
 
 import bnorm_ext
-from common_utils import check_parity, devices, dtypes, lowp_dtypes, memory_formats, randn_shifted
+from common_utils import (
+    check_parity,
+    devices,
+    dtypes,
+    lowp_dtypes,
+    memory_formats,
+    randn_shifted,
+    requires_torch_bn_bias_arg,
+)
 
 # ---------------------------------------------------------------------------
 # BatchNorm2d: device x dtype x memory format x shape
@@ -66,10 +72,7 @@ def test_bn2d_options_parity(device, dtype, memory_format, affine, track, moment
     "dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["float64", "float32", "bfloat16"]
 )
 @pytest.mark.parametrize("device", devices)
-@pytest.mark.skipif(
-    "bias" not in inspect.signature(nn.BatchNorm2d.__init__).parameters,
-    reason="this torch's nn.BatchNorm has no bias argument (torch 2.11)",
-)
+@requires_torch_bn_bias_arg
 def test_bn2d_no_bias_parity(device, dtype, memory_format, track):
     # torch's BatchNorm takes bias=False (weight only)
     def make_x(dt, dev):

@@ -42,6 +42,7 @@ from common_utils import (  # noqa: E402
     max_abs_err,
     randn_shifted,
     randomize_bn_,
+    requires_torch_bn_bias_arg,
     run_train_step,
 )
 
@@ -849,6 +850,7 @@ def test_nccl():
 # ===========================================================================
 # single-process tests (no process group)
 # ===========================================================================
+@requires_torch_bn_bias_arg
 def test_module_matches_torch_syncbatchnorm():
     import inspect
 
@@ -908,6 +910,7 @@ def test_single_process_parity(shape, dtype, momentum):
         assert torch.equal(omod.num_batches_tracked, tmod.num_batches_tracked)
 
 
+@requires_torch_bn_bias_arg
 def test_convert_sync_batchnorm():
     class Net(nn.Module):
         def __init__(self):
