@@ -32,8 +32,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._onnx import batch_norm_act_eval_as_aten, batch_norm_eval_as_aten
+
 _OPS = torch.ops.bnorm_ext
-_ATEN = torch.ops.aten
 _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -63,18 +64,12 @@ def _decomposable(input, weight, bias, running_mean, running_var, eps) -> bool:
     return len({p.dtype for p in params if p is not None}) == 1
 
 
-def _normalize(input, weight, bias, running_mean, running_var, eps) -> Tensor:
-    # torch's eval BatchNorm: the op F.batch_norm(training=False) traces to.
-    return _ATEN._native_batch_norm_legit_no_training.default(input, weight, bias, running_mean, running_var, 0.0, eps)[
-        0
-    ]
-
-
 def batch_norm_forward_eval(input, weight, bias, running_mean, running_var, eps):
     # (N, C, *) -> input's shape and dtype; NotImplemented keeps the op.
     if not _decomposable(input, weight, bias, running_mean, running_var, eps):
         return NotImplemented
-    return _normalize(input, weight, bias, running_mean, running_var, eps)
+    # torch's eval BatchNorm: the ATen op F.batch_norm(training=False) traces to (as for ONNX export)
+    return batch_norm_eval_as_aten(input, weight, bias, running_mean, running_var, eps)
 
 
 def batch_norm_act_forward_eval(
@@ -91,16 +86,9 @@ def batch_norm_act_forward_eval(
         return NotImplemented
     if activation == "leaky_relu" and negative_slope < 0.0:
         return NotImplemented
-    output = _normalize(input, weight, bias, running_mean, running_var, eps)
-    if residual is not None:
-        output = _ATEN.add.Tensor(output, residual)
-    if activation == "relu":
-        output = _ATEN.relu.default(output)
-    elif activation == "leaky_relu":
-        output = _ATEN.leaky_relu.default(output, negative_slope)
-    elif activation == "silu":
-        output = _ATEN.silu.default(output)
-    return output
+    return batch_norm_act_eval_as_aten(
+        input, weight, bias, running_mean, running_var, eps, residual, activation, negative_slope
+    )
 
 
 DECOMPOSITIONS = {
