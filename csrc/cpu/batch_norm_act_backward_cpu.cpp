@@ -125,7 +125,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cpu(
   const ActParamGrads grads = batch_norm_act_backward_into(
       checked.first, checked.second, grad_out, output, input, weight, bias, running_mean, running_var, save_mean,
       save_invstd, residual, training, eps, need_grad_residual, negative_slope, grad_in, grad_res);
-  const auto param_type = given(weight) ? weight->scalar_type() : acc_scalar_type(input.scalar_type());
+  const auto param_type = param_grad_type(weight, input);
   return {
       grad_in, channel_tensor(grads.weight, input, param_type), channel_tensor(grads.bias, input, param_type),
       grad_res};
@@ -158,7 +158,7 @@ std::tuple<Tensor&, Tensor&, Tensor&, Tensor&> batch_norm_act_backward_out_cpu(
       op, grad_out, output, input, weight, bias, running_mean, running_var, save_mean, save_invstd, residual, training,
       eps, activation, negative_slope);
   const int64_t C = checked.first.C;
-  const auto param_type = given(weight) ? weight->scalar_type() : acc_scalar_type(input.scalar_type());
+  const auto param_type = param_grad_type(weight, input);
   check_out(op, "grad_input", grad_input, input.sizes(), input.scalar_type(), input);
   check_out(op, "grad_weight", grad_weight, {C}, param_type, input);
   check_out(op, "grad_bias", grad_bias, {C}, param_type, input);

@@ -172,10 +172,6 @@ ParamGrads batch_norm_backward_into(
   return grads;
 }
 
-at::ScalarType param_grad_type(const OptTensor& weight, const Tensor& input) {
-  return given(weight) ? weight->scalar_type() : acc_scalar_type(input.scalar_type());
-}
-
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     const Tensor& grad_out,
     const Tensor& input,

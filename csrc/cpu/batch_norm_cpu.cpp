@@ -115,5 +115,9 @@ std::tuple<Tensor, Tensor> saved_stats(const ChannelMoments& m, const Tensor& in
   return {channel_tensor(m.mean, input, acc), channel_tensor(m.spread, input, acc)};
 }
 
+at::ScalarType param_grad_type(const OptTensor& weight, const Tensor& input) {
+  return given(weight) ? weight->scalar_type() : acc_scalar_type(input.scalar_type());
+}
+
 }  // namespace cpu
 }  // namespace bnorm_ext

@@ -68,5 +68,8 @@ ChannelMoments channel_moments(const std::vector<WelfordData<double>>& stats, st
 // save_mean and save_invstd ([C], acc dtype) from absolute statistics.
 std::tuple<Tensor, Tensor> saved_stats(const ChannelMoments& m, const Tensor& input);
 
+// dtype of grad_weight / grad_bias: weight's, or the acc dtype when there is no weight.
+at::ScalarType param_grad_type(const OptTensor& weight, const Tensor& input);
+
 }  // namespace cpu
 }  // namespace bnorm_ext
