@@ -11,6 +11,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 CUDA_AVAILABLE = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA_AVAILABLE, reason="CUDA not available")
@@ -20,6 +21,18 @@ requires_torch_bn_bias_arg = pytest.mark.skipif(
     "bias" not in inspect.signature(torch.nn.BatchNorm2d.__init__).parameters,
     reason="this torch's nn.BatchNorm has no bias argument (torch 2.11)",
 )
+
+
+def torch_act(t, activation, slope):
+    """torch's own activation by the fused ops' name (identity, relu, leaky_relu, silu)."""
+    if activation == "relu":
+        return F.relu(t)
+    if activation == "leaky_relu":
+        return F.leaky_relu(t, slope)
+    if activation == "silu":
+        return F.silu(t)
+    return t
+
 
 devices = [
     pytest.param("cpu", id="cpu"),

@@ -11,21 +11,11 @@ from torch import nn
 from torch.autograd import forward_ad, gradcheck, gradgradcheck
 
 import bnorm_ext
-from common_utils import devices, dtypes, memory_formats, misaligned_copy, randn_shifted, requires_cuda
+from common_utils import devices, dtypes, memory_formats, misaligned_copy, randn_shifted, requires_cuda, torch_act
 
 ACTIVATIONS = ["identity", "relu", "leaky_relu", "silu"]
 SLOPE = 0.2
 EPS = 1e-5
-
-
-def torch_act(t, activation, slope=SLOPE):
-    if activation == "relu":
-        return F.relu(t)
-    if activation == "leaky_relu":
-        return F.leaky_relu(t, slope)
-    if activation == "silu":
-        return F.silu(t)
-    return t
 
 
 def composed(x, rm, rv, w, b, training, activation, residual, momentum=0.1, eps=EPS):
@@ -33,7 +23,7 @@ def composed(x, rm, rv, w, b, training, activation, residual, momentum=0.1, eps=
     y = F.batch_norm(x, rm, rv, w, b, training, momentum, eps)
     if residual is not None:
         y = y + residual
-    return torch_act(y, activation)
+    return torch_act(y, activation, SLOPE)
 
 
 def make_case(shape, dtype, device, memory_format, param_dtype=None, residual=True, seed_shift=0.0):

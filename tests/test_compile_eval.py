@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch._inductor.utils import fresh_cache, run_and_get_code
 
 import bnorm_ext
-from common_utils import randn_shifted
+from common_utils import randn_shifted, torch_act
 
 OPS = torch.ops.bnorm_ext
 C = 6
@@ -52,16 +52,6 @@ def _params(dtype, generator):
     return w, b, rm, rv
 
 
-def _act(y, activation, slope):
-    if activation == "relu":
-        return F.relu(y)
-    if activation == "leaky_relu":
-        return F.leaky_relu(y, slope)
-    if activation == "silu":
-        return F.silu(y)
-    return y
-
-
 def _ours(x, r, w, b, rm, rv):
     # Every weight/bias None pattern of both eval ops, in one graph.
     outs = []
@@ -83,7 +73,7 @@ def _torch(x, r, w, b, rm, rv):
         y = F.batch_norm(x, rm, rv, wi, bi, False, 0.0, EPS)
         outs.append(y)
         for activation, slope, with_res in FUSED:
-            outs.append(_act(y + r if with_res else y, activation, slope))
+            outs.append(torch_act(y + r if with_res else y, activation, slope))
     return outs
 
 
